@@ -1,0 +1,59 @@
+"""Bearer-key authentication. Every row a request touches is filtered by its key's id."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.problems import Problem
+from tierq.db import session_scope
+from tierq.keys import find_key, hash_key
+
+CACHE_SECONDS = 10.0  # a revoked key stops working within this many seconds
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: uuid.UUID
+    is_admin: bool
+
+
+_cache: dict[str, tuple[float, Caller]] = {}
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _lookup(key: str) -> Caller | None:
+    digest = hash_key(key)
+    cached = _cache.get(digest)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    with session_scope() as session:
+        row = find_key(session, key)
+        caller = Caller(row.id, row.is_admin) if row else None
+    if caller:
+        _cache[digest] = (time.monotonic() + CACHE_SECONDS, caller)
+    return caller
+
+
+def current_caller(request: Request) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise _unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
+    caller = _lookup(key.strip())
+    if caller is None:
+        raise _unauthorized("The API key is not valid.")
+    return caller
+
+
+def admin_caller(caller: Annotated[Caller, Depends(current_caller)]) -> Caller:
+    if not caller.is_admin:
+        raise Problem(403, "Forbidden", "This endpoint needs an admin key.")
+    return caller

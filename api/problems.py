@@ -1,0 +1,82 @@
+"""RFC 9457 problem details: every error the API returns has this one shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+DB_RETRY_AFTER = "5"
+
+
+class Problem(Exception):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status, self.title, self.detail = status, title, detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_response(
+    status: int, title: str, detail: str = "", headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or str(loc[0] if loc else "body")
+
+
+async def _on_problem(_request: Request, exc: Problem) -> JSONResponse:
+    return problem_response(exc.status, exc.title, exc.detail, exc.headers, **exc.extra)
+
+
+async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"field": _field(tuple(e["loc"])), "message": e["msg"].removeprefix("Value error, ")}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return problem_response(422, "Invalid request", detail, errors=errors)
+
+
+async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+async def _on_database_down(_request: Request, exc: Exception) -> JSONResponse:
+    # Nothing was committed: the client may retry the same request (with its Idempotency-Key).
+    return problem_response(
+        503,
+        "Database unavailable",
+        "The request was not accepted; retry later.",
+        headers={"Retry-After": DB_RETRY_AFTER},
+    )
+
+
+async def _on_dbapi(request: Request, exc: DBAPIError) -> JSONResponse:
+    if exc.connection_invalidated or isinstance(exc, OperationalError):
+        return await _on_database_down(request, exc)
+    raise exc
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _on_problem)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(DBAPIError, _on_dbapi)  # type: ignore[arg-type]

@@ -1,0 +1,161 @@
+"""/v1/jobs: submit, poll (with long-poll), list, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import or_, select, update
+
+from api.auth import Caller, current_caller
+from api.problems import Problem
+from api.schemas import JobCreate, JobOut, JobPage
+from api.submit import accept
+from tierq.db import db_now, session_scope
+from tierq.events import notify_job_changed
+from tierq.models import ACTIVE_STATUSES, Job, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def submit_response(
+    request: Request,
+    response: Response,
+    caller: Caller,
+    body: JobCreate,
+    idempotency_key: str | None,
+) -> JobOut:
+    accepted = accept(caller.key_id, body, idempotency_key, request.app.state.tier_config)
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{accepted.job.id}"
+    if accepted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.of(accepted.job)
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def submit_job(
+    request: Request,
+    response: Response,
+    body: JobCreate,
+    caller: Annotated[Caller, Depends(current_caller)],
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    return submit_response(request, response, caller, body, idempotency_key)
+
+
+def load_job(caller: Caller, job_id: uuid.UUID) -> Job:
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.owner_id == caller.key_id))
+    if job is None:
+        raise Problem(404, "Job not found", f"No job {job_id} for this key.")
+    return job
+
+
+async def wait_for_end(request: Request, caller: Caller, job_id: uuid.UUID, wait: float) -> Job:
+    """The job, once it has ended or ``wait`` seconds have passed, whichever comes first."""
+    waiters = request.app.state.waiters
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    with waiters.watch(str(job_id)) as event:
+        while True:
+            job = await run_in_threadpool(load_job, caller, job_id)
+            remaining = until - loop.time()
+            if JobStatus(job.status).terminal or remaining <= 0:
+                return job
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining, waiters.recheck_seconds))
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_job(
+    request: Request,
+    job_id: uuid.UUID,
+    caller: Annotated[Caller, Depends(current_caller)],
+    wait: Annotated[float, Query(ge=0, le=60, description="Long-poll up to this many s")] = 0,
+) -> JobOut:
+    return JobOut.of(await wait_for_end(request, caller, job_id, wait))
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), str(job.id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, TypeError) as exc:
+        raise Problem(
+            422,
+            "Invalid request",
+            "cursor: not a cursor this API returned",
+            errors=[{"field": "cursor", "message": "malformed"}],
+        ) from exc
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    caller: Annotated[Caller, Depends(current_caller)],
+    status: Annotated[JobStatus | None, Query()] = None,
+    tier: Annotated[str | None, Query(max_length=64)] = None,
+    conversation_id: uuid.UUID | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> JobPage:
+    query = select(Job).where(Job.owner_id == caller.key_id)
+    if status:
+        query = query.where(Job.status == status)
+    if tier:
+        query = query.where(Job.tier == tier)
+    if conversation_id:
+        query = query.where(Job.conversation_id == conversation_id)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, (Job.created_at == created) & (Job.id < last_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    with session_scope() as session:
+        jobs = list(session.scalars(query))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return JobPage(
+        data=[JobOut.of(j) for j in jobs],
+        next_cursor=_encode_cursor(jobs[-1]) if more else None,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]) -> JobOut:
+    with session_scope() as session:
+        cancelled = session.scalar(
+            update(Job)
+            .where(Job.id == job_id, Job.owner_id == caller.key_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(
+                status=JobStatus.CANCELLED,
+                error="cancelled by the client",
+                finished_at=db_now(),
+                updated_at=db_now(),
+                lease_token=None,
+            )
+            .returning(Job.id)
+        )
+        if cancelled:
+            notify_job_changed(session, job_id)
+    job = load_job(caller, job_id)
+    if not cancelled:
+        raise Problem(
+            409, "Job already ended", f"Job {job_id} is {job.status}.", status_value=job.status
+        )
+    return JobOut.of(job)

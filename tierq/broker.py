@@ -1,0 +1,117 @@
+"""The Celery application as a *transport*: its configuration and the one way to publish.
+
+The broker only carries doorbells (``run_job(job_id)``); every message can be rebuilt from
+the database, so a lost message costs latency, never a job. Each setting below closes one
+of the sharp edges listed in ``shared/notes/celery-durability.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from tierq.config import EMERGENCY_QUEUE
+from tierq.settings import Settings, get_settings
+
+RUN_JOB = "tierq.run_job"
+log = logging.getLogger(__name__)
+
+# The API's fast path: one quick retry, then give up; the relay publishes from the database.
+FAST_PATH_RETRY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# The relay can afford to wait a little longer; it tries again next sweep anyway.
+RELAY_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    url = settings.effective_broker_url
+    if url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "polling_interval": 0.05,  # default 1 s would add up to a second per job
+        }
+    return {
+        # kombu reads visibility_timeout only here, not from a top-level setting
+        # (celery#9339). It must outlast the longest job, or a running job is delivered
+        # again to another worker; our lease recovers dead workers far sooner anyway.
+        "visibility_timeout": settings.visibility_timeout,
+        # Without these, apply_async against a dead Redis can hang (celery#4296).
+        "socket_timeout": 5,
+        "socket_connect_timeout": 3,
+        "retry_on_timeout": True,
+        "health_check_interval": 10,
+    }
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=transport_options(settings),
+        # Ack after the task returns: a worker that dies mid-task leaves its message.
+        task_acks_late=True,
+        # A pool child killed by a signal requeues its message instead of acking it. This
+        # loops forever on a poison job (celery#9082): the claim counts deliveries.
+        task_reject_on_worker_lost=True,
+        # One reserved message per process: a dead worker strands as few as possible.
+        worker_prefetch_multiplier=1,
+        # Workers ride out a broker outage of any length (the default gives up after 100).
+        broker_connection_max_retries=None,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # Fast path: fail quickly so the API answers; the relay publishes what failed.
+        task_publish_retry=True,
+        task_publish_retry_policy=FAST_PATH_RETRY,
+        # On SIGTERM, stop taking work and requeue unacked messages instead of letting them
+        # wait out the visibility timeout (Celery >= 5.5).
+        worker_soft_shutdown_timeout=10.0,
+        worker_enable_soft_shutdown_on_idle=True,
+        # Publish by queue name through the default exchange: nothing depends on
+        # _kombu.binding.* keys, which a Redis flush erases.
+        task_create_missing_queues=True,
+        task_default_queue=EMERGENCY_QUEUE,
+        # Results live in the database; the broker stores none.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        # Flower needs events to show tasks and workers.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Never `expires=` on jobs: an expired message is silently revoked, never run.
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        # A long-running job is ours to end (lease, deadline), not the broker's.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_channel_error_retry=True,
+    )
+
+
+@lru_cache
+def get_celery() -> Celery:
+    app = Celery("tierq", set_as_current=False)
+    configure(app, get_settings())
+    return app
+
+
+def publish(
+    job_id: uuid.UUID | str, queue: str, *, retry_policy: dict[str, Any] | None = None
+) -> bool:
+    """Ring the doorbell for one job on ``queue``. False (logged) if the broker is unreachable."""
+    try:
+        get_celery().send_task(
+            RUN_JOB,
+            args=[str(job_id)],
+            queue=queue,
+            retry=True,
+            retry_policy=retry_policy or FAST_PATH_RETRY,
+        )
+    except Exception as exc:  # any transport error: the relay will publish it
+        log.warning("publish of job %s to %s failed: %s", job_id, queue, type(exc).__name__)
+        return False
+    return True

@@ -1,0 +1,158 @@
+"""The tier configuration: one YAML file listing the tiers in order, with their backends.
+
+Validated at load time; every error names the key it is about (``tiers.0.backends.1.url``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+EMERGENCY_QUEUE = "emergency"
+RESERVED_NAMES = {EMERGENCY_QUEUE, "minimal", "webhooks"}
+
+Protocol = Literal["openai", "ollama", "anthropic"]
+OnExhausted = Literal["degrade", "park", "fail"]
+
+
+class ConfigError(ValueError):
+    """The tier configuration is invalid; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    protocol: Protocol
+    url: str = Field(pattern=r"^https?://")
+    model: str
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the key; the key is never in the file."
+    )
+    connect_timeout: float = Field(2.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    max_concurrency: int = Field(8, ge=1)
+
+    @property
+    def api_key(self) -> SecretStr | None:
+        value = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return SecretStr(value) if value else None
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(2, ge=1, description="Calls per tier before escalating.")
+    base_delay: float = Field(0.5, ge=0)
+    max_delay: float = Field(30.0, ge=0)
+
+
+class DegradeConfig(_Strict):
+    """What changes in a request when it reaches this tier from an earlier one."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    notice: str | None = None
+
+
+class TierConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    backends: list[BackendConfig] = Field(min_length=1)
+    retry: RetryConfig = RetryConfig()
+    degrade: DegradeConfig = DegradeConfig()
+
+
+class MinimalConfig(_Strict):
+    cache_max_age: float = Field(3600.0, ge=0)
+    rules: str | None = Field(None, pattern=r"^[\w.]+:[\w]+$")
+    static_message: str | None = None
+
+
+class EmergencyConfig(_Strict):
+    retry_after: int = Field(60, ge=1, description="Seconds shown to pollers of a parked job.")
+    replay_rate: float = Field(5.0, gt=0, description="Parked jobs released per second.")
+    message: str = "All inference backends are unavailable; the request is parked."
+
+
+class TierqConfig(_Strict):
+    tiers: list[TierConfig] = Field(min_length=1)
+    minimal: MinimalConfig = MinimalConfig()
+    emergency: EmergencyConfig = EmergencyConfig()
+    on_exhausted: OnExhausted = "park"
+    version: str = Field("", description="Filled in with the file's hash; not set by hand.")
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> TierqConfig:
+        tiers = [t.name for t in self.tiers]
+        for i, name in enumerate(tiers):
+            if name in RESERVED_NAMES:
+                raise ValueError(f"tiers.{i}.name: '{name}' is reserved")
+            if tiers.index(name) != i:
+                raise ValueError(f"tiers.{i}.name: duplicate tier '{name}'")
+        backends = [b.name for t in self.tiers for b in t.backends]
+        for name in backends:
+            if backends.count(name) > 1:
+                raise ValueError(f"backend name '{name}' is used more than once")
+        return self
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def tier(self, name: str) -> TierConfig:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise KeyError(name)
+
+    def next_tier(self, name: str) -> str | None:
+        names = self.tier_names
+        i = names.index(name)
+        return names[i + 1] if i + 1 < len(names) else None
+
+    @cached_property
+    def backends(self) -> dict[str, BackendConfig]:
+        return {b.name: b for t in self.tiers for b in t.backends}
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(message if message.startswith(("tiers.", "backend")) else f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def parse_config(text: str, source: str = "<config>") -> TierqConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'tiers' key")
+    data["version"] = hashlib.sha256(text.encode()).hexdigest()[:12]
+    try:
+        return TierqConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def load_config(path: Path | None = None) -> TierqConfig:
+    """Load the file at ``path``, or the built-in default (simulated backends on loopback)."""
+    if path is None:
+        text = resources.files("tierq").joinpath("default_tiers.yaml").read_text()
+        return parse_config(text, "default_tiers.yaml")
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_config(text, str(path))

@@ -1,0 +1,90 @@
+"""Engine, sessions and the database clock.
+
+Leases, due times and deadlines are computed by the database (``db_now``), never by a
+worker's clock: two machines whose clocks disagree still agree on who holds a lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import FunctionElement
+
+from tierq.settings import get_settings
+
+
+class db_now(FunctionElement[Any]):
+    """The database's current time plus ``seconds`` (a bound parameter, may be negative)."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "db_now"
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element: db_now, compiler: Any, **kw: Any) -> str:
+    args = list(element.clauses)
+    if not args:
+        return "statement_timestamp()"
+    return f"(statement_timestamp() + make_interval(secs => {compiler.process(args[0], **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element: db_now, compiler: Any, **kw: Any) -> str:
+    # Same text format SQLAlchemy stores DateTime in, so comparisons stay lexical-correct.
+    args = list(element.clauses)
+    offset = f", ({compiler.process(args[0], **kw)}) || ' seconds'" if args else ""
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now'{offset})"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cursor.execute("PRAGMA busy_timeout=10000")  # several processes share one file
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=FULL")  # accepted means durable, even on power loss
+    cursor.close()
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 10}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    options: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    if url.startswith("postgresql"):
+        # Fail fast when Postgres is down: a submit must answer 503, not hang.
+        options["connect_args"] = {"connect_timeout": 3}
+    options.update(kwargs)
+    return create_engine(url, **options)
+
+
+@lru_cache
+def get_engine() -> Engine:
+    return make_engine(get_settings().effective_database_url)
+
+
+@lru_cache
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One transaction: committed on success, rolled back on any exception."""
+    session = _session_factory()()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
+
+
+def is_postgres(engine: Engine | None = None) -> bool:
+    return (engine or get_engine()).dialect.name == "postgresql"

@@ -1,0 +1,24 @@
+"""Job-ended notifications: Postgres NOTIFY on a channel, sent inside the ending transaction.
+
+NOTIFY is delivered on commit only, so a listener never hears of an end that rolled back.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+JOB_ENDED_CHANNEL = "tierq_job_ended"
+
+
+def notify_job_changed(session: Session, job_id: uuid.UUID | str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_notify(:channel, :id)"),
+            {
+                "channel": JOB_ENDED_CHANNEL,
+                "id": str(job_id),
+            },
+        )

@@ -1,0 +1,58 @@
+"""Process settings, read from ``TIERQ_*`` environment variables (12-factor)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path("var")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIERQ_", extra="ignore")
+
+    home: Path = Field(DEFAULT_HOME, description="Folder for the zero-install default's files.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means SQLite under TIERQ_HOME."
+    )
+    broker_url: str = Field(
+        "", description="Celery broker URL; empty means kombu's filesystem transport under home."
+    )
+    config: Path | None = Field(None, description="Tier configuration YAML; empty: built-in.")
+
+    lease_seconds: float = Field(30.0, gt=0, description="How long a claim lasts unrenewed.")
+    max_deliveries: int = Field(5, ge=1, description="Deliveries before a job is dead.")
+    relay_interval: float = Field(1.0, gt=0, description="Seconds between relay sweeps.")
+    republish_after: float = Field(
+        30.0, gt=0, description="A queued job untouched this long is published again."
+    )
+    visibility_timeout: int = Field(
+        3600, gt=0, description="Redis transport: seconds before an unacked message returns."
+    )
+    long_poll_max: float = Field(60.0, gt=0)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    admin_key: str = Field("", description="Key with operator rights; empty disables admin.")
+    crash_at: str = Field(
+        "", description="Test hook: exit the process hard at the named crash point."
+    )
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'tierq.db').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
