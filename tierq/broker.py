@@ -84,8 +84,6 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_send_task_events=True,
         task_send_sent_event=True,
         # Never `expires=` on jobs: an expired message is silently revoked, never run.
-        worker_hijack_root_logger=False,
-        worker_redirect_stdouts=False,
         # A long-running job is ours to end (lease, deadline), not the broker's.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_channel_error_retry=True,

@@ -1,0 +1,217 @@
+"""The ``tierq`` command: starts each part of tierq on its own, or all of them (``up``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cli.client import client_commands
+from tierq.config import ConfigError, load_config
+from tierq.settings import get_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """tierq: a durable request queue for LLM inference.
+
+    Settings come from TIERQ_* environment variables (TIERQ_DATABASE_URL,
+    TIERQ_BROKER_URL, TIERQ_CONFIG, ...); with none set, tierq runs on SQLite and a
+    folder broker under ./var.
+    """
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind (default TIERQ_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default TIERQ_API_PORT, 8000).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Server processes.")
+def api(host: str | None, port: int | None, workers: int) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "api.main:app",
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@main.command()
+@click.option("--tier", required=True, help="The tier whose queue this worker consumes.")
+@click.option(
+    "--concurrency",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Pool processes (parallel backend calls).",
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(tier: str, concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker for one tier (e.g. --tier gpu on a GPU box)."""
+    settings = get_settings()
+    config = _config_or_exit(settings.config)
+    if tier not in config.tier_names:
+        raise click.BadParameter(f"no tier '{tier}' in {config.tier_names}", param_hint="--tier")
+    from worker.celery_app import app
+
+    # Celery's SIGTERM is a warm shutdown that waits for running jobs without limit; as a
+    # cold shutdown it first runs the soft shutdown (worker_soft_shutdown_timeout), then
+    # requeues what is unacked. Orchestrators send SIGTERM, so make it mean that.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    os.environ["TIERQ_WORKER_TIER"] = tier
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            tier,
+            "-n",
+            f"{tier}@%h",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@main.command()
+def relay() -> None:
+    """Run the relay alone: publish queued jobs, reclaim expired leases, wake due jobs."""
+    _run_relay()
+
+
+@main.command()
+def beat() -> None:
+    """Run the periodic duties (the relay; one active instance across machines)."""
+    _run_relay()
+
+
+def _run_relay() -> None:
+    from cli.logs import setup_logging
+    from worker.relay import run_forever
+
+    setup_logging()
+    settings = get_settings()
+    run_forever(_config_or_exit(settings.config), settings)
+
+
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True)
+def flower(port: int, address: str) -> None:
+    """Run Flower, Celery's monitor, against tierq's broker (queues, workers, tasks)."""
+    from flower.command import flower as flower_command
+
+    from worker.celery_app import app
+
+    sys.argv = ["flower", f"--port={port}", f"--address={address}"]
+    flower_command.main(args=sys.argv[1:], obj=app, standalone_mode=True, prog_name="tierq flower")
+
+
+@main.command()
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    metavar="NAME=PORT",
+    help="A simulated backend; repeatable. Default: every loopback backend in the "
+    "tier configuration.",
+)
+def simulate(host: str, backends: tuple[str, ...]) -> None:
+    """Serve fault-injectable simulated backends (OpenAI, Ollama and Anthropic protocols)."""
+    from simulator.server import serve_forever
+
+    specs = [_parse_backend(b) for b in backends] or _loopback_backends()
+    for name, port in specs:
+        click.echo(f"simulating {name} on http://{host}:{port}")
+    serve_forever(specs, host)
+
+
+def _parse_backend(value: str) -> tuple[str, int]:
+    name, _, port = value.partition("=")
+    if not name or not port.isdigit():
+        raise click.BadParameter(f"expected NAME=PORT, got {value!r}", param_hint="--backend")
+    return name, int(port)
+
+
+def _loopback_backends() -> list[tuple[str, int]]:
+    from urllib.parse import urlsplit
+
+    config = _config_or_exit(get_settings().config)
+    specs = []
+    for backend in config.backends.values():
+        url = urlsplit(backend.url)
+        if url.hostname in ("127.0.0.1", "localhost") and url.port:
+            specs.append((backend.name, url.port))
+    return specs
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    from tierq.migrate import upgrade
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    click.echo("database is at the latest schema")
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Operator rights (disable backends, replay).")
+def keys_create(name: str, admin: bool) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from tierq.db import session_scope
+    from tierq.keys import create_key
+
+    with session_scope() as session:
+        created = create_key(session, name, is_admin=admin)
+    click.echo(created.key)
+
+
+@main.group()
+def config() -> None:
+    """Inspect the tier configuration."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate a tier file without starting anything; prints its version (hash)."""
+    loaded = _config_or_exit(path)
+    click.echo(f"{path}: ok, version {loaded.version}, tiers: {' → '.join(loaded.tier_names)}")
+
+
+def _config_or_exit(path: Path | None):  # type: ignore[no-untyped-def]
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--port", type=int, default=8000, show_default=True, help="API port.")
+@click.option(
+    "--concurrency", type=int, default=2, show_default=True, help="Pool processes per tier worker."
+)
+def up(port: int, concurrency: int) -> None:
+    """Start everything on this machine: API, one worker per tier, beat, simulators."""
+    from cli.up import run_all
+
+    run_all(port, concurrency)
+
+
+for command in client_commands:
+    main.add_command(command)

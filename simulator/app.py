@@ -1,0 +1,220 @@
+"""One simulated backend instance: a raw ASGI app serving all three wire protocols.
+
+The tier configuration decides which protocol a client speaks; the instance answers
+whichever it is asked. Faults apply to every protocol endpoint (or only to chat, with
+``scope: chat``); the admin API under ``/_sim/`` is never faulted, delayed or counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from simulator.admin import handle_admin
+from simulator.answer import make_answer
+from simulator.asgi import (
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    header,
+    json_reply,
+    read_body,
+    reset_connection,
+    send_chunk,
+    send_reply,
+    start_stream,
+    wait_disconnect,
+)
+from simulator.faults import FaultSettings, FaultState, Mode, Stats, faults_from_env
+from simulator.wire import Wire, WireError
+from simulator.wire_anthropic import AnthropicWire
+from simulator.wire_ollama import OllamaWire
+from simulator.wire_openai import OpenAIWire
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str  # "POST /v1/chat/completions": the key in /_sim/stats
+    protocol: str  # "openai", "ollama", "anthropic", or "" when chosen by headers
+    info: Callable[[Wire], Reply] | None = None  # liveness endpoints; None means chat
+
+    @property
+    def is_chat(self) -> bool:
+        return self.info is None
+
+
+def _models(wire: Wire) -> Reply:
+    assert isinstance(wire, OpenAIWire | AnthropicWire)
+    return wire.models()
+
+
+def _tags(wire: Wire) -> Reply:
+    assert isinstance(wire, OllamaWire)
+    return wire.tags()
+
+
+def _version(wire: Wire) -> Reply:
+    assert isinstance(wire, OllamaWire)
+    return wire.version()
+
+
+ROUTES = {
+    ("POST", "/v1/chat/completions"): Route("POST /v1/chat/completions", "openai"),
+    ("POST", "/v1/messages"): Route("POST /v1/messages", "anthropic"),
+    ("POST", "/api/chat"): Route("POST /api/chat", "ollama"),
+    # OpenAI and Anthropic share this path; Anthropic clients always send anthropic-version.
+    ("GET", "/v1/models"): Route("GET /v1/models", "", _models),
+    ("GET", "/api/tags"): Route("GET /api/tags", "ollama", _tags),
+    ("GET", "/api/version"): Route("GET /api/version", "ollama", _version),
+}
+KNOWN_PATHS = {path for _, path in ROUTES}
+
+
+class SimulatorApp:
+    """The ASGI callable of one named instance, with its faults and its counters."""
+
+    def __init__(self, name: str, faults: FaultSettings | None = None) -> None:
+        self.name = name
+        self.faults = FaultState(faults)
+        self.stats = Stats()
+        self.wires: dict[str, Wire] = {
+            wire.protocol: wire
+            for wire in (OpenAIWire(name), OllamaWire(name), AnthropicWire(name))
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/_sim/"):
+            await handle_admin(self, scope, receive, send)
+            return
+        route = ROUTES.get((scope["method"], path))
+        if route is None:
+            await read_body(receive)
+            await send_reply(send, _unrouted(scope, path))
+            return
+        self.stats.received(route.endpoint)
+        body = await read_body(receive)
+        wire = self.wires[route.protocol or _protocol_by_headers(scope)]
+        mode = self.faults.draw(route.is_chat)
+        self.stats.enter()
+        try:
+            await self._answer(route, wire, mode, body, receive, send)
+        finally:
+            self.stats.leave()
+
+    async def _answer(
+        self, route: Route, wire: Wire, mode: Mode, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        settings = self.faults.settings
+        if settings.latency_ms:
+            await asyncio.sleep(settings.latency_ms / 1000)
+        if mode is not Mode.OK:
+            self.stats.faulted(mode)
+            await self._fault(mode, wire, body, receive, send)
+        elif route.info is not None:
+            await send_reply(send, route.info(wire))
+        else:
+            await self._chat(wire, body, send)
+
+    async def _fault(
+        self, mode: Mode, wire: Wire, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        if mode is Mode.RESET:
+            await reset_connection(send, receive)
+        elif mode is Mode.HANG:
+            await wait_disconnect(receive)
+        else:
+            await send_reply(send, self._fault_reply(mode, wire, body))
+
+    def _fault_reply(self, mode: Mode, wire: Wire, body: bytes) -> Reply:
+        settings = self.faults.settings
+        if mode is Mode.ERROR_500:
+            return wire.server_error()
+        if mode is Mode.OVERLOADED:
+            return wire.overloaded()
+        if mode is Mode.RATE_LIMIT:
+            return wire.rate_limited(settings.retry_after)
+        if mode is Mode.MALFORMED:
+            return wire.malformed(wire.wants_stream(body))
+        if mode is Mode.WRONG_SHAPE:
+            return wire.wrong_shape(wire.wants_stream(body))
+        try:
+            prompt_tokens = wire.parse_chat(body).prompt_tokens
+        except WireError as exc:
+            return exc.reply
+        limit = settings.max_context_words or max(prompt_tokens - 1, 1)
+        return wire.context_length(prompt_tokens, limit)
+
+    async def _chat(self, wire: Wire, body: bytes, send: Send) -> None:
+        try:
+            call = wire.parse_chat(body)
+        except WireError as exc:
+            await send_reply(send, exc.reply)
+            return
+        settings = self.faults.settings
+        limit = settings.max_context_words
+        if limit is not None and call.prompt_tokens > limit:
+            await send_reply(send, wire.context_length(call.prompt_tokens, limit))
+            return
+        answer = make_answer(self.name, call)
+        interval = 1 / settings.tokens_per_second if settings.tokens_per_second else 0.0
+        if not call.stream:
+            if interval:
+                await asyncio.sleep(interval * answer.completion_tokens)
+            await send_reply(send, wire.completion(call, answer))
+            return
+        streamer = wire.streamer(call, answer)
+        await start_stream(send, streamer.content_type)
+        if not interval:
+            # Unpaced: one write for the whole stream keeps benchmarks cheap; clients parse
+            # the frames the same way whatever the TCP segments.
+            frames = [streamer.head(), *map(streamer.piece, answer.pieces), streamer.tail()]
+            await send_chunk(send, b"".join(frames), more=False)
+            return
+        await send_chunk(send, streamer.head())
+        await _paced(send, [streamer.piece(p) for p in answer.pieces], interval)
+        await send_chunk(send, streamer.tail(), more=False)
+
+
+async def _paced(send: Send, frames: list[bytes], interval: float) -> None:
+    """Send one frame per interval against a fixed schedule, so sleeps do not add drift."""
+    start = time.monotonic()
+    for i, frame in enumerate(frames, start=1):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send_chunk(send, frame)
+
+
+def _protocol_by_headers(scope: Scope) -> str:
+    return "anthropic" if header(scope, b"anthropic-version") is not None else "openai"
+
+
+def _unrouted(scope: Scope, path: str) -> Reply:
+    if path in KNOWN_PATHS:
+        return json_reply(405, {"error": f"method {scope['method']} not allowed on {path}"})
+    return json_reply(404, {"error": f"no such endpoint: {path}"})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def build_app(name: str, faults: FaultSettings | None = None) -> SimulatorApp:
+    """An instance named ``name``; without ``faults``, the initial ones come from the env."""
+    return SimulatorApp(name, faults if faults is not None else faults_from_env(name))

@@ -1,0 +1,164 @@
+"""A tierq deployment made of real processes: API, per-tier Celery workers, the relay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy import make_url
+
+from tests.services import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
+
+
+def tier_file(folder: Path, tiers: dict[str, list[tuple[str, str, str]]], **extra: Any) -> Path:
+    """Write a tier YAML: tiers maps name → [(backend name, protocol, url)]."""
+    import yaml
+
+    doc: dict[str, Any] = {
+        "tiers": [
+            {
+                "name": name,
+                "retry": {"attempts": 2, "base_delay": 0.05, "max_delay": 0.2},
+                "backends": [
+                    {
+                        "name": b,
+                        "protocol": p,
+                        "url": u,
+                        "model": f"{b}-model",
+                        "connect_timeout": 0.5,
+                        "read_timeout": 5,
+                    }
+                    for b, p, u in backends
+                ],
+            }
+            for name, backends in tiers.items()
+        ]
+    }
+    doc.update(extra)
+    path = folder / f"tiers-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Process:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.log = logs / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        with open(self.log, "wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "cli", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group: a Celery worker and its pool children."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.popen.wait(30)
+
+    def pool_children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.processes: list[Process] = []
+        self.api_url = ""
+
+    def spawn(self, name: str, *args: str, **env: str) -> Process:
+        process = Process(name, list(args), {**self.env, **env}, self.logs)
+        self.processes.append(process)
+        return process
+
+    def worker(self, tier: str, concurrency: int = 2, **env: str) -> Process:
+        process = self.spawn(
+            f"worker-{tier}", "worker", "--tier", tier, "--concurrency", str(concurrency), **env
+        )
+        wait_until(
+            lambda: "ready." in process.output() or not process.alive(),
+            40,
+            what=f"worker {tier} ready",
+        )
+        assert process.alive(), process.output()
+        return process
+
+    def relay(self) -> Process:
+        return self.spawn("relay", "relay")
+
+    def api(self, **env: str) -> Process:
+        port = free_port()
+        process = self.spawn("api", "api", "--port", str(port), **env)
+        self.api_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: self._live() or not process.alive(), 30, what="api live")
+        assert process.alive(), process.output()
+        return process
+
+    def _live(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health/live", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.alive():
+                process.kill_group(signal.SIGKILL)
+
+
+def pg_connect(url: str) -> psycopg.Connection:
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def wait_all_terminal(count_open: Callable[[], int], timeout: float = 90) -> None:
+    wait_until(lambda: count_open() == 0, timeout, 0.2, what="every job to end")
+
+
+def outcome(url: str, job_ids: list[str]) -> dict[str, int]:
+    """The ledger: accepted, finished, lost, answered twice — read from the database."""
+    with pg_connect(url) as conn:
+        rows = conn.execute(
+            "SELECT j.id::text, j.status, (SELECT count(*) FROM turns t "
+            "WHERE t.conversation_id = j.conversation_id AND t.seq = j.answer_seq) "
+            "FROM jobs j WHERE j.id = ANY(%s::uuid[])",
+            (job_ids,),
+        ).fetchall()
+    found = {r[0]: r for r in rows}
+    return {
+        "accepted": len(job_ids),
+        "finished": sum(1 for r in rows if r[1] in TERMINAL),
+        "lost": len(set(job_ids) - set(found)) + sum(1 for r in rows if r[1] not in TERMINAL),
+        "answered_twice": sum(1 for r in rows if r[2] > 1),
+        "succeeded_without_answer": sum(1 for r in rows if r[1] == "succeeded" and r[2] != 1),
+    }
+
+
+def time_now() -> float:
+    return time.monotonic()

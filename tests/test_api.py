@@ -1,0 +1,202 @@
+"""The API against real Postgres and Redis (no worker: jobs stay queued)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.stack import pg_connect
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture
+def client(env: dict[str, str]) -> Iterator[TestClient]:
+    from api.app import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def row_counts(url: str) -> tuple[int, int, int]:
+    with pg_connect(url) as conn:
+        return tuple(
+            conn.execute(  # type: ignore[return-value]
+                "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM turns), "
+                "(SELECT count(*) FROM conversations)"
+            ).fetchone()
+        )
+
+
+def test_submit_is_accepted_and_durable(client: TestClient, api_key: str, env: dict) -> None:
+    response = client.post("/v1/jobs", json=BODY, headers=auth(api_key))
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["served_by"]["tier"] == "gpu"
+    with pg_connect(env["TIERQ_DATABASE_URL"]) as conn:
+        status, seq = conn.execute(
+            "SELECT status, answer_seq FROM jobs WHERE id = %s", (job["id"],)
+        ).fetchone()
+        turns = conn.execute(
+            "SELECT seq, role, content FROM turns WHERE conversation_id = %s",
+            (job["conversation_id"],),
+        ).fetchall()
+    assert status == "queued" and seq == 1
+    assert turns == [(0, "user", "hello")]
+    fetched = client.get(f"/v1/jobs/{job['id']}", headers=auth(api_key)).json()
+    assert fetched["id"] == job["id"]
+
+
+def test_missing_or_wrong_key_is_401(client: TestClient) -> None:
+    for headers in ({}, auth("tq_nope"), {"Authorization": "Basic abc"}):
+        response = client.post("/v1/jobs", json=BODY, headers=headers)
+        assert response.status_code == 401
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_key_never_sees_another_keys_rows(client: TestClient, api_key: str, env: dict) -> None:
+    from tierq.db import session_scope
+    from tierq.keys import create_key
+
+    with session_scope() as session:
+        other = create_key(session, "other").key
+    job = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(other)).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(other)).status_code == 404
+    conversation = f"/v1/conversations/{job['conversation_id']}"
+    assert client.get(conversation, headers=auth(other)).status_code == 404
+    assert (
+        client.post(f"{conversation}/messages", json=BODY, headers=auth(other)).status_code == 404
+    )
+    listed = client.get("/v1/jobs", headers=auth(other)).json()["data"]
+    assert job["id"] not in {j["id"] for j in listed}
+
+
+def test_idempotency_key(client: TestClient, api_key: str, env: dict) -> None:
+    key = {"Idempotency-Key": str(uuid.uuid4()), **auth(api_key)}
+    first = client.post("/v1/jobs", json=BODY, headers=key)
+    again = client.post("/v1/jobs", json=BODY, headers=key)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    before = row_counts(env["TIERQ_DATABASE_URL"])
+    changed = client.post("/v1/jobs", json={**BODY, "model": "other"}, headers=key)
+    assert changed.status_code == 422
+    assert changed.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert row_counts(env["TIERQ_DATABASE_URL"]) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": BODY["messages"]}, "model"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+        ({**BODY, "max_tokens": 0}, "max_tokens"),
+        ({**BODY, "temperature": 9}, "temperature"),
+        ({**BODY, "priority": 1000}, "priority"),
+        ({**BODY, "deadline": "2030-01-01T00:00:00"}, "deadline"),
+        ({**BODY, "on_exhausted": "panic"}, "on_exhausted"),
+        ({**BODY, "bogus": 1}, "bogus"),
+        ({**BODY, "conversation_id": "not-a-uuid"}, "conversation_id"),
+        ({**BODY, "conversation_id": str(uuid.uuid4())}, "conversation_id"),
+    ],
+)
+def test_bad_input_is_a_problem_naming_the_field_and_writes_nothing(
+    client: TestClient, api_key: str, env: dict, body: dict, field: str
+) -> None:
+    before = row_counts(env["TIERQ_DATABASE_URL"])
+    response = client.post("/v1/jobs", json=body, headers=auth(api_key))
+    assert response.status_code in (404, 422)
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == response.status_code
+    assert any(e["field"] == field for e in problem["errors"]), problem
+    assert row_counts(env["TIERQ_DATABASE_URL"]) == before
+
+
+def test_malformed_json_is_a_problem(client: TestClient, api_key: str) -> None:
+    response = client.post(
+        "/v1/jobs",
+        content=b"{not json",
+        headers={**auth(api_key), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_conversation_messages_keep_order_while_a_job_is_pending(
+    client: TestClient, api_key: str, env: dict
+) -> None:
+    created = client.post("/v1/conversations", json={"system": "be brief"}, headers=auth(api_key))
+    assert created.status_code == 201
+    conversation = created.json()["id"]
+    first = client.post(
+        f"/v1/conversations/{conversation}/messages", json=BODY, headers=auth(api_key)
+    ).json()
+    second = client.post(
+        f"/v1/conversations/{conversation}/messages",
+        json={**BODY, "messages": [{"role": "user", "content": "and then?"}]},
+        headers=auth(api_key),
+    ).json()
+    view = client.get(f"/v1/conversations/{conversation}", headers=auth(api_key)).json()
+    assert [(t["seq"], t["role"]) for t in view["turns"]] == [
+        (0, "system"),
+        (1, "user"),
+        (3, "user"),
+    ]  # 2 is reserved for the first answer
+    assert view["pending_jobs"] == [first["id"], second["id"]]
+    with pg_connect(env["TIERQ_DATABASE_URL"]) as conn:
+        after, published = conn.execute(
+            "SELECT after_job_id::text, published_at FROM jobs WHERE id = %s", (second["id"],)
+        ).fetchone()
+    assert after == first["id"] and published is None  # waits for the first job to end
+
+
+def test_cancel_and_list_with_cursor(client: TestClient, env: dict) -> None:
+    from tierq.db import session_scope
+    from tierq.keys import create_key
+
+    with session_scope() as session:
+        key = create_key(session, "lister").key
+    ids = [client.post("/v1/jobs", json=BODY, headers=auth(key)).json()["id"] for _ in range(5)]
+    cancelled = client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(key))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(key)).status_code == 409
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params, headers=auth(key)).json()
+        seen += [j["id"] for j in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids))
+    queued = client.get("/v1/jobs", params={"status": "cancelled"}, headers=auth(key)).json()
+    assert [j["id"] for j in queued["data"]] == [ids[0]]
+    bad = client.get("/v1/jobs", params={"cursor": "zzz"}, headers=auth(key))
+    assert bad.status_code == 422
+
+
+def test_long_poll_returns_at_the_limit_for_an_unfinished_job(
+    client: TestClient, api_key: str
+) -> None:
+    import time
+
+    job = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()
+    started = time.monotonic()
+    polled = client.get(f"/v1/jobs/{job['id']}", params={"wait": 1}, headers=auth(api_key))
+    assert polled.json()["status"] == "queued"
+    assert 0.9 < time.monotonic() - started < 3
+    too_long = client.get(f"/v1/jobs/{job['id']}", params={"wait": 61}, headers=auth(api_key))
+    assert too_long.status_code == 422 and too_long.json()["errors"][0]["field"] == "wait"

@@ -1,0 +1,174 @@
+"""The job's state transitions on the worker side, each one conditional and fenced.
+
+A worker owns a job only while its lease token is on the row. Every write after the claim
+checks that token, so a worker that lost its lease (it stalled, the relay re-queued the job,
+another worker claimed it) can never write a second answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session, aliased
+
+from tierq.db import db_now
+from tierq.events import notify_job_changed
+from tierq.models import ACTIVE_STATUSES, Attempt, Job, JobStatus, Turn
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: uuid.UUID
+    token: uuid.UUID
+    owner: str
+
+
+def claim(
+    session: Session, job_id: uuid.UUID, tier: str, owner: str, seconds: float
+) -> Lease | None:
+    """queued → running, if the job is queued on this tier and the job before it has ended.
+
+    None means the message was a duplicate, stale (the job moved on) or early (blocked).
+    """
+    before = aliased(Job)
+    blocked = exists().where(before.id == Job.after_job_id, before.status.in_(ACTIVE_STATUSES))
+    token = uuid.uuid4()
+    claimed = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.tier == tier, ~blocked)
+        .values(
+            status=JobStatus.RUNNING,
+            lease_token=token,
+            lease_owner=owner,
+            lease_expires_at=db_now(seconds),
+            deliveries=Job.deliveries + 1,
+            updated_at=db_now(),
+        )
+        .returning(Job.id)
+    )
+    return Lease(job_id, token, owner) if claimed else None
+
+
+def renew(session: Session, lease: Lease, seconds: float) -> bool:
+    renewed = session.scalar(
+        update(Job)
+        .where(
+            Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING
+        )
+        .values(lease_expires_at=db_now(seconds))
+        .returning(Job.id)
+    )
+    return renewed is not None
+
+
+def _fenced(lease: Lease) -> Any:
+    return update(Job).where(
+        Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING
+    )
+
+
+def _release(session: Session, lease: Lease, **values: Any) -> bool:
+    """Apply ``values`` and give up the lease, if we still hold it."""
+    done = session.scalar(
+        _fenced(lease)
+        .values(
+            lease_token=None, lease_owner=None, lease_expires_at=None, updated_at=db_now(), **values
+        )
+        .returning(Job.id)
+    )
+    return done is not None
+
+
+def record_attempt(session: Session, lease: Lease, **fields: Any) -> None:
+    session.add(Attempt(job_id=lease.job_id, worker=lease.owner, **fields))
+    session.execute(
+        update(Job)
+        .where(Job.id == lease.job_id)
+        .values(attempts=Job.attempts + 1, tier_attempts=Job.tier_attempts + 1)
+    )
+
+
+def succeed(
+    session: Session,
+    lease: Lease,
+    job: Job,
+    result: dict[str, Any],
+    *,
+    backend: str,
+    model: str,
+    quality: str,
+) -> bool:
+    """running → succeeded, with the assistant turn, in the caller's transaction."""
+    if not _release(
+        session,
+        lease,
+        status=JobStatus.SUCCEEDED,
+        result=result,
+        backend=backend,
+        model=model,
+        quality=quality,
+        finished_at=db_now(),
+        error=None,
+    ):
+        return False
+    content = result["choices"][0]["message"]["content"]
+    session.add(
+        Turn(
+            conversation_id=job.conversation_id,
+            seq=job.answer_seq,
+            role="assistant",
+            content=content,
+            job_id=job.id,
+        )
+    )
+    notify_job_changed(session, job.id)
+    return True
+
+
+def end(session: Session, lease: Lease, status: JobStatus, reason: str, **values: Any) -> bool:
+    """running → failed / dead / parked, with a reason the client can read."""
+    ended = _release(
+        session,
+        lease,
+        status=status,
+        error=reason,
+        finished_at=db_now() if status.terminal else None,
+        **values,
+    )
+    if ended:
+        notify_job_changed(session, lease.job_id)
+    return ended
+
+
+def retry_later(session: Session, lease: Lease, delay: float) -> bool:
+    """running → retry_wait; the relay makes it queued again when due (database clock)."""
+    return _release(session, lease, status=JobStatus.RETRY_WAIT, due_at=db_now(delay))
+
+
+def escalate(session: Session, lease: Lease, tier: str) -> bool:
+    """running → queued on the next tier; the caller publishes after commit."""
+    return _release(
+        session, lease, status=JobStatus.QUEUED, tier=tier, tier_attempts=0, published_at=db_now()
+    )
+
+
+def deadline_passed(session: Session, job_id: uuid.UUID) -> bool:
+    return bool(
+        session.scalar(
+            select(Job.deadline.is_not(None) & (Job.deadline < db_now())).where(Job.id == job_id)
+        )
+    )
+
+
+def successors(session: Session, job_id: uuid.UUID) -> list[tuple[uuid.UUID, str]]:
+    """Queued jobs that were waiting for this one; mark them published (the caller does)."""
+    rows = session.execute(
+        update(Job)
+        .where(Job.after_job_id == job_id, Job.status == JobStatus.QUEUED)
+        .values(published_at=db_now())
+        .returning(Job.id, Job.tier)
+    )
+    return [(row.id, row.tier) for row in rows]
