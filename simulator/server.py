@@ -172,4 +172,3 @@ def _wait_until_answering(host: str, port: int, thread: threading.Thread, timeou
         if time.monotonic() > deadline:
             raise TimeoutError(f"the simulator on {host}:{port} did not answer in {timeout}s")
         time.sleep(0.01)
-

@@ -27,7 +27,7 @@ def _error(status: int, message: str) -> Reply:
 
 def _final(call: ChatCall, answer: Answer, content: str) -> dict[str, Any]:
     """The closing object (streamed) or the whole answer (not streamed), with timings."""
-    total = time.monotonic_ns() - call.received_ns
+    generating = time.monotonic_ns() - call.received_ns
     prompt_eval = answer.prompt_tokens * PROMPT_EVAL_NS_PER_TOKEN
     return {
         "model": call.model,
@@ -35,12 +35,12 @@ def _final(call: ChatCall, answer: Answer, content: str) -> dict[str, Any]:
         "message": {"role": "assistant", "content": content},
         "done_reason": answer.finish,
         "done": True,
-        "total_duration": total,
+        "total_duration": LOAD_NS + prompt_eval + generating,
         "load_duration": LOAD_NS,
         "prompt_eval_count": answer.prompt_tokens,
         "prompt_eval_duration": prompt_eval,
         "eval_count": answer.completion_tokens,
-        "eval_duration": max(total - LOAD_NS - prompt_eval, 0),
+        "eval_duration": generating,
     }
 
 

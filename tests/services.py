@@ -3,6 +3,7 @@ Postgres clusters and Redis servers for tests that stop, flush or kill them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -152,8 +153,6 @@ class PostgresCluster:
         self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"])
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from sqlalchemy import make_url
 from tests.services import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
 
 
 def tier_file(folder: Path, tiers: dict[str, list[tuple[str, str, str]]], **extra: Any) -> Path:
@@ -74,10 +72,8 @@ class Process:
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole process group: a Celery worker and its pool children."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.popen.wait(30)
 
@@ -135,30 +131,3 @@ class Stack:
 def pg_connect(url: str) -> psycopg.Connection:
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     return psycopg.connect(dsn, autocommit=True)
-
-
-def wait_all_terminal(count_open: Callable[[], int], timeout: float = 90) -> None:
-    wait_until(lambda: count_open() == 0, timeout, 0.2, what="every job to end")
-
-
-def outcome(url: str, job_ids: list[str]) -> dict[str, int]:
-    """The ledger: accepted, finished, lost, answered twice — read from the database."""
-    with pg_connect(url) as conn:
-        rows = conn.execute(
-            "SELECT j.id::text, j.status, (SELECT count(*) FROM turns t "
-            "WHERE t.conversation_id = j.conversation_id AND t.seq = j.answer_seq) "
-            "FROM jobs j WHERE j.id = ANY(%s::uuid[])",
-            (job_ids,),
-        ).fetchall()
-    found = {r[0]: r for r in rows}
-    return {
-        "accepted": len(job_ids),
-        "finished": sum(1 for r in rows if r[1] in TERMINAL),
-        "lost": len(set(job_ids) - set(found)) + sum(1 for r in rows if r[1] not in TERMINAL),
-        "answered_twice": sum(1 for r in rows if r[2] > 1),
-        "succeeded_without_answer": sum(1 for r in rows if r[1] == "succeeded" and r[2] != 1),
-    }
-
-
-def time_now() -> float:
-    return time.monotonic()

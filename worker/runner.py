@@ -118,7 +118,7 @@ class JobRunner:
         backend = tier.backends[job.tier_attempts % len(tier.backends)]
         request = build_request(job, turns, tier, first_tier)
         started = time.monotonic()
-        crash_point("worker.before_call")
+        crash_point("worker.before_call", subject=turns[-1].content if turns else "")
         try:
             answer = client_for(backend).chat(request)
         except BackendError as error:

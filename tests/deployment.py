@@ -1,0 +1,121 @@
+"""A whole tierq deployment for a test: its own database, broker, simulators and processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from sqlalchemy.orm import Session
+
+from tests import ledger
+from tests.services import PostgresCluster, RedisServer, SharedDatabase, wait_until
+from tests.simulator_fixture import running_simulator
+from tests.stack import Stack, tier_file
+from tierq.db import make_engine
+from tierq.keys import create_key
+from tierq.migrate import upgrade
+
+FAST_TIMINGS = {
+    "TIERQ_LEASE_SECONDS": "3",
+    "TIERQ_REPUBLISH_AFTER": "4",
+    "TIERQ_RELAY_INTERVAL": "0.2",
+    "TIERQ_MAX_DELIVERIES": "3",
+}
+
+
+@dataclass
+class Deployment:
+    stack: Stack
+    database_url: str
+    simulators: dict[str, str]
+    redis: RedisServer | None = None
+    postgres: PostgresCluster | None = None
+    key: str = ""
+    jobs: list[str] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.stack.api_url, timeout=30, headers={"Authorization": f"Bearer {self.key}"}
+        )
+
+    def submit(
+        self, client: httpx.Client, content: str = "hello", **extra: object
+    ) -> httpx.Response:
+        body = {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
+        response = client.post("/v1/jobs", json=body)
+        if response.status_code == 202:
+            self.jobs.append(response.json()["id"])
+        return response
+
+    def fault(self, simulator: str, **faults: object) -> None:
+        httpx.put(f"{self.simulators[simulator]}/_sim/faults", json=faults).raise_for_status()
+
+    def calls(self, simulator: str) -> int:
+        return httpx.get(f"{self.simulators[simulator]}/_sim/stats").json()["total"]
+
+    def ledger(self) -> ledger.Ledger:
+        return ledger.read(self.database_url, self.jobs)
+
+    def wait_finished(self, timeout: float = 60) -> ledger.Ledger:
+        wait_until(
+            lambda: ledger.open_count(self.database_url, self.jobs) == 0,
+            timeout,
+            0.3,
+            what=f"{len(self.jobs)} jobs to finish",
+        )
+        return self.ledger()
+
+
+def _make_key(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session, session.begin():
+            return create_key(session, "test").key
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def deployment(folder: Path, mode: str = "postgres-redis") -> Iterator[Deployment]:
+    """``mode``: postgres-redis, or sqlite-filesystem (the zero-install default), or
+    throwaway-postgres (a Postgres of its own that the test may stop)."""
+    with ExitStack() as stack:
+        env = {**os.environ, **FAST_TIMINGS, "TIERQ_HOME": str(folder)}
+        redis = postgres = None
+        if mode == "sqlite-filesystem":
+            url = f"sqlite:///{folder / 'tierq.db'}"
+            env["TIERQ_BROKER_URL"] = ""
+        else:
+            redis = RedisServer()
+            stack.callback(redis.stop)
+            env["TIERQ_BROKER_URL"] = redis.url
+            if mode == "throwaway-postgres":
+                postgres = PostgresCluster()
+                stack.callback(postgres.destroy)
+                url = postgres.url
+            else:
+                database = SharedDatabase()
+                stack.callback(database.drop)
+                url = database.url
+        env["TIERQ_DATABASE_URL"] = url
+        upgrade(url)
+        gpu = stack.enter_context(running_simulator("gpu-sim"))
+        cpu = stack.enter_context(running_simulator("cpu-sim"))
+        env["TIERQ_CONFIG"] = str(
+            tier_file(
+                folder,
+                {
+                    "gpu": [("gpu-sim", "openai", gpu)],
+                    "cpu": [("cpu-sim", "ollama", cpu)],
+                },
+            )
+        )
+        processes = Stack(env, folder)
+        stack.callback(processes.stop)
+        yield Deployment(
+            processes, url, {"gpu-sim": gpu, "cpu-sim": cpu}, redis, postgres, key=_make_key(url)
+        )
