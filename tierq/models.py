@@ -97,9 +97,7 @@ class Turn(Base):
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    job_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("jobs.id", use_alter=True, name="fk_turns_job")
-    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", name="fk_turns_job"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 

@@ -160,7 +160,7 @@ def upgrade() -> None:
             ["conversation_id"],
             ["conversations.id"],
         ),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name="fk_turns_job", use_alter=True),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name="fk_turns_job"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),
         sa.UniqueConstraint("job_id", name="uq_turns_job_answer"),
