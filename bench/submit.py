@@ -1,0 +1,191 @@
+"""Submit throughput and latency at concurrency 32, and the end-to-end overhead of a job.
+
+Run:  .venv/bin/python bench/submit.py [--requests 3000]
+
+Everything runs on this machine against Postgres (a fresh database on 127.0.0.1:5432) and
+a throwaway Redis. Each figure is printed next to a baseline measured in the same run:
+- submit: tierq's POST /v1/jobs vs a bare FastAPI endpoint doing one INSERT and one
+  apply_async (bench/baseline_app.py), both one uvicorn process;
+- end to end: submit, run on a worker, long-poll the answer, vs calling the same
+  simulated backend directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import load, p50, spawn, wait_http
+from tests.services import RedisServer, SharedDatabase, free_port
+from tests.stack import tier_file
+from tierq.db import make_engine
+from tierq.keys import create_key
+from tierq.migrate import upgrade
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 16}
+PY = sys.executable
+
+
+def make_key(url: str) -> str:
+    from sqlalchemy.orm import Session
+
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        key = create_key(session, "bench").key
+    engine.dispose()
+    return key
+
+
+def bench_submit(env: dict[str, str], logs: Path, key: str, requests: int) -> None:
+    base_port, tierq_port = free_port(), free_port()
+    baseline = spawn(
+        [
+            PY,
+            "-m",
+            "uvicorn",
+            "bench.baseline_app:app",
+            "--port",
+            str(base_port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env,
+        logs / "baseline.log",
+    )
+    api = spawn([PY, "-m", "cli", "api", "--port", str(tierq_port)], env, logs / "api.log")
+    try:
+        wait_http(f"http://127.0.0.1:{base_port}/docs")
+        wait_http(f"http://127.0.0.1:{tierq_port}/health/live")
+        headers = {"Authorization": f"Bearer {key}"}
+
+        async def call_baseline(client: httpx.AsyncClient) -> None:
+            r = await client.post(f"http://127.0.0.1:{base_port}/submit", json=BODY)
+            assert r.status_code == 202, r.text
+
+        async def call_tierq(client: httpx.AsyncClient) -> None:
+            r = await client.post(
+                f"http://127.0.0.1:{tierq_port}/v1/jobs", json=BODY, headers=headers
+            )
+            assert r.status_code == 202, r.text
+
+        asyncio.run(load(call_baseline, 200, 32))  # warm both up
+        asyncio.run(load(call_tierq, 200, 32))
+        base = asyncio.run(load(call_baseline, requests, 32))
+        ours = asyncio.run(load(call_tierq, requests, 32))
+    finally:
+        for process in (baseline, api):
+            os.killpg(process.pid, signal.SIGKILL)
+    print(f"submit, concurrency 32, {requests} requests each")
+    print(
+        f"  baseline (INSERT + apply_async): {base.throughput:7.0f} req/s  "
+        f"p50 {base.percentile(50):6.1f} ms  p99 {base.percentile(99):6.1f} ms"
+    )
+    print(
+        f"  tierq POST /v1/jobs:             {ours.throughput:7.0f} req/s  "
+        f"p50 {ours.percentile(50):6.1f} ms  p99 {ours.percentile(99):6.1f} ms"
+    )
+    print(f"  ratio (tierq / baseline throughput): {ours.throughput / base.throughput:.2f}")
+
+
+def bench_end_to_end(env: dict[str, str], logs: Path, key: str, sim_url: str, rounds: int) -> None:
+    port = free_port()
+    processes = [
+        spawn([PY, "-m", "cli", "api", "--port", str(port)], env, logs / "api2.log"),
+        spawn([PY, "-m", "cli", "relay"], env, logs / "relay.log"),
+        spawn(
+            [
+                PY,
+                "-m",
+                "cli",
+                "worker",
+                "--tier",
+                "gpu",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "WARNING",
+            ],
+            env,
+            logs / "worker.log",
+        ),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/live")
+        api = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        direct_client = httpx.Client(timeout=60)
+        request = {**BODY, "model": "sim"}
+
+        def direct() -> None:
+            r = direct_client.post(f"{sim_url}/v1/chat/completions", json=request)
+            assert r.status_code == 200
+
+        def through_tierq() -> None:
+            job = api.post("/v1/jobs", json=BODY).json()
+            done = api.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
+            assert done["status"] == "succeeded", done
+
+        through_tierq()  # the worker's first job warms its connections
+        direct_times, tierq_times = [], []
+        for _ in range(rounds):  # interleaved, so both see the same machine load
+            for call, times in ((direct, direct_times), (through_tierq, tierq_times)):
+                started = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - started)
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGKILL)
+    print(f"end to end, {rounds} sequential jobs")
+    print(f"  direct call to the simulator:   p50 {p50(direct_times):6.1f} ms")
+    print(f"  tierq submit → run → long-poll: p50 {p50(tierq_times):6.1f} ms")
+    print(f"  overhead p50: {p50(tierq_times) - p50(direct_times):.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args()
+    logs = Path(tempfile.mkdtemp(prefix="tierq-bench-"))
+    redis, database = RedisServer(), SharedDatabase()
+    upgrade(database.url)
+    sim_port = free_port()
+    sim = spawn(
+        [PY, "-m", "cli", "simulate", "--backend", f"bench-sim={sim_port}"], {}, logs / "sim.log"
+    )
+    try:
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        wait_http(f"{sim_url}/v1/models")
+        config = tier_file(logs, {"gpu": [("bench-sim", "openai", sim_url)]})
+        env = {
+            "TIERQ_DATABASE_URL": database.url,
+            "TIERQ_BROKER_URL": redis.url,
+            "TIERQ_CONFIG": str(config),
+            "TIERQ_HOME": str(logs),
+        }
+        key = make_key(database.url)
+        bench_submit(env, logs, key, args.requests)
+        bench_end_to_end(env, logs, key, sim_url, args.rounds)
+    finally:
+        os.killpg(sim.pid, signal.SIGKILL)
+        redis.stop()
+        database.drop()
+    print(f"logs: {logs}")
+
+
+if __name__ == "__main__":
+    main()

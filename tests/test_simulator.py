@@ -1,0 +1,351 @@
+"""The simulator against the unmodified OpenAI and Anthropic SDKs, and raw HTTP for Ollama."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from simulator.cli import _parser, initial_faults
+from simulator.control import SimulatorControl
+from simulator.faults import FaultSettings, Mode, faults_from_env
+from simulator.server import bind
+from tests.simulator_fixture import running_simulator, running_simulators
+
+NAME = "sim-a"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello big world"}]
+ANSWER = f"[{NAME}] You said: hello big world"
+PROMPT_WORDS = 5  # "Be brief." + "hello big world"
+OLLAMA_BODY = {"model": "llama3.2:3b", "messages": CHAT}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    with running_simulator(NAME) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def admin(base_url: str) -> Iterator[SimulatorControl]:
+    with SimulatorControl(base_url) as ctl:
+        yield ctl
+
+
+@pytest.fixture
+def control(admin: SimulatorControl) -> SimulatorControl:
+    """The simulator's admin client, with the simulator back to no faults and no counts."""
+    admin.reset()
+    return admin
+
+
+@pytest.fixture
+def oai(base_url: str, control: SimulatorControl) -> openai.OpenAI:
+    # max_retries=0: the SDK would otherwise retry faults behind the test's back.
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture
+def claude(base_url: str, control: SimulatorControl) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=base_url, api_key="x", max_retries=0)
+
+
+# -- OpenAI -----------------------------------------------------------------------------
+def test_openai_sdk_completes_a_chat(oai: openai.OpenAI) -> None:
+    completion = oai.chat.completions.create(model="gpt-x", messages=CHAT)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == ANSWER
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "gpt-x"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == PROMPT_WORDS
+    assert completion.usage.completion_tokens == len(ANSWER.split())
+    assert completion.usage.total_tokens == PROMPT_WORDS + len(ANSWER.split())
+
+
+def test_openai_sdk_streams_with_usage(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="gpt-x",
+        messages=CHAT,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(ANSWER.split())
+
+
+def test_openai_max_tokens_cuts_the_answer(oai: openai.OpenAI) -> None:
+    completion = oai.chat.completions.create(model="m", messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == f"[{NAME}] You said:"
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+
+
+def test_openai_models_list(oai: openai.OpenAI) -> None:
+    assert [m.id for m in oai.models.list()] == [NAME]
+
+
+def test_openai_sdk_sees_protocol_errors(oai: openai.OpenAI, control: SimulatorControl) -> None:
+    control.set_faults(mode="context_length")
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    assert bad.value.code == "context_length_exceeded"
+    control.set_faults(mode="rate_limit", retry_after=2.5)
+    with pytest.raises(openai.RateLimitError) as limited:
+        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    assert limited.value.response.headers["retry-after-ms"] == "2500"
+    assert limited.value.response.headers["retry-after"] == "3"
+    control.set_faults(mode="overloaded")
+    with pytest.raises(openai.InternalServerError) as overloaded:
+        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+    assert overloaded.value.status_code == 503
+
+
+# -- Anthropic --------------------------------------------------------------------------
+def test_anthropic_sdk_creates_a_message(claude: anthropic.Anthropic) -> None:
+    message = claude.messages.create(
+        model="claude-x",
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "hello big world"}],
+    )
+    assert message.content[0].type == "text"
+    assert message.content[0].text == ANSWER
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == PROMPT_WORDS
+    assert message.usage.output_tokens == len(ANSWER.split())
+
+
+def test_anthropic_sdk_streams(claude: anthropic.Anthropic) -> None:
+    with claude.messages.stream(
+        model="claude-x",
+        max_tokens=4,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello big world"}]}],
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == f"[{NAME}] You said: hello"
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == 4
+    assert final.usage.input_tokens == 3
+
+
+def test_anthropic_sdk_sees_its_error_shapes(
+    claude: anthropic.Anthropic, control: SimulatorControl
+) -> None:
+    control.set_faults(mode="overloaded")
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        claude.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert overloaded.value.status_code == 529
+    assert overloaded.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    control.set_faults(max_context_words=2)
+    with pytest.raises(anthropic.BadRequestError) as too_long:
+        claude.messages.create(
+            model="c", max_tokens=5, messages=[{"role": "user", "content": "one two three"}]
+        )
+    assert "prompt is too long" in too_long.value.message
+
+
+def test_anthropic_models_list_is_told_apart_by_header(claude: anthropic.Anthropic) -> None:
+    page = claude.models.list()
+    assert [m.id for m in page.data] == [NAME]
+    assert page.data[0].type == "model"
+
+
+# -- Ollama -----------------------------------------------------------------------------
+def test_ollama_streams_ndjson_by_default(base_url: str, control: SimulatorControl) -> None:
+    with httpx.stream("POST", f"{base_url}/api/chat", json=OLLAMA_BODY) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert "".join(line["message"]["content"] for line in lines) == ANSWER
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    final = lines[-1]
+    assert final["done_reason"] == "stop"
+    assert final["prompt_eval_count"] == PROMPT_WORDS
+    assert final["eval_count"] == len(ANSWER.split())
+    assert final["total_duration"] >= final["eval_duration"] > 0
+    assert final["model"] == "llama3.2:3b"
+
+
+def test_ollama_non_streaming_and_liveness(base_url: str, control: SimulatorControl) -> None:
+    body = OLLAMA_BODY | {"stream": False, "options": {"num_predict": 2}}
+    answer = httpx.post(f"{base_url}/api/chat", json=body).json()
+    assert answer["message"] == {"role": "assistant", "content": f"[{NAME}] You"}
+    assert answer["done"] is True
+    assert answer["done_reason"] == "length"
+    tags = httpx.get(f"{base_url}/api/tags").json()
+    assert tags["models"][0]["name"] == f"{NAME}:latest"
+    assert httpx.get(f"{base_url}/api/version").json()["version"]
+
+
+# -- faults and the admin API -----------------------------------------------------------
+def test_admin_rejects_unknown_and_invalid_fields(base_url: str, control: SimulatorControl) -> None:
+    assert httpx.put(f"{base_url}/_sim/faults", json={"mood": "bad"}).status_code == 422
+    assert httpx.put(f"{base_url}/_sim/faults", json={"mode": "sideways"}).status_code == 422
+    assert httpx.put(f"{base_url}/_sim/faults", content=b"[1]").status_code == 422
+    assert httpx.patch(f"{base_url}/_sim/faults", json={"count": 0}).status_code == 422
+    assert control.state()["faults"]["mode"] == "ok"
+
+
+def test_faults_switch_at_runtime(base_url: str, control: SimulatorControl) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    body = {"model": "m", "messages": CHAT}
+    assert httpx.post(url, json=body).status_code == 200
+    control.set_faults(mode="error_500", latency_ms=10)
+    assert httpx.post(url, json=body).status_code == 500
+    control.patch_faults(mode="ok")
+    assert control.state()["faults"]["latency_ms"] == 10  # PATCH kept the rest
+    assert httpx.post(url, json=body).status_code == 200
+
+
+def test_count_faults_the_next_n_requests_only(base_url: str, control: SimulatorControl) -> None:
+    url = f"{base_url}/api/chat"
+    control.set_faults(mode="overloaded", count=2, latency_ms=1)
+    assert httpx.post(url, json=OLLAMA_BODY).status_code == 503
+    assert control.state()["faults"]["count"] == 1
+    assert httpx.post(url, json=OLLAMA_BODY).status_code == 503
+    assert httpx.post(url, json=OLLAMA_BODY).status_code == 200
+    faults = control.state()["faults"]
+    assert (faults["mode"], faults["count"], faults["latency_ms"]) == ("ok", None, 1)
+
+
+def test_stats_count_requests_per_endpoint(base_url: str, control: SimulatorControl) -> None:
+    assert control.received() == 0
+    httpx.get(f"{base_url}/v1/models")
+    httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY | {"stream": False})
+    httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY | {"stream": False})
+    control.state()  # admin calls are not counted
+    stats = control.stats()
+    assert stats["endpoints"] == {"GET /v1/models": 1, "POST /api/chat": 2}
+    assert stats["total"] == 3
+    assert control.received("POST /v1/messages") == 0
+    control.reset()
+    assert control.received() == 0
+
+
+def test_scope_chat_keeps_liveness_answering(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(mode="error_500", scope="chat")
+    assert httpx.get(f"{base_url}/api/version").status_code == 200
+    assert httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY).status_code == 500
+
+
+def test_max_context_words_applies_in_ok_mode(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(max_context_words=PROMPT_WORDS)
+    url = f"{base_url}/v1/chat/completions"
+    assert httpx.post(url, json={"model": "m", "messages": CHAT}).status_code == 200
+    longer = [*CHAT, {"role": "user", "content": "one more"}]
+    error = httpx.post(url, json={"model": "m", "messages": longer})
+    assert error.status_code == 400
+    assert error.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 5 tokens" in error.json()["error"]["message"]
+
+
+def test_reset_drops_the_connection_without_a_response(
+    base_url: str, control: SimulatorControl
+) -> None:
+    control.set_faults(mode="reset")
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        httpx.post(f"{base_url}/v1/messages", json={"model": "m"})
+    assert control.stats()["faults"] == {"reset": 1}
+
+
+def test_hang_never_answers(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(mode="hang")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{base_url}/api/tags", timeout=httpx.Timeout(2, read=0.2))
+
+
+def test_malformed_and_wrong_shape(base_url: str, control: SimulatorControl) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    control.set_faults(mode=Mode.MALFORMED)
+    response = httpx.post(url, json={"model": "m", "messages": CHAT})
+    assert response.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        response.json()
+    control.set_faults(mode=Mode.WRONG_SHAPE)
+    data = httpx.post(url, json={"model": "m", "messages": CHAT}).json()
+    assert "choices" not in data
+
+
+def test_latency_and_token_pacing(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(latency_ms=100, tokens_per_second=100)
+    started = time.monotonic()
+    arrivals = []
+    with httpx.stream("POST", f"{base_url}/api/chat", json=OLLAMA_BODY) as response:
+        for line in response.iter_lines():
+            if line:
+                arrivals.append(time.monotonic() - started)
+    assert arrivals[0] >= 0.1  # latency before the first byte, then one token per 10 ms
+    assert arrivals[-1] - arrivals[0] >= 0.8 * (len(ANSWER.split()) - 1) / 100
+
+
+# -- initial faults and the multi-instance server ---------------------------------------
+def test_initial_faults_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "TIERQ_SIM_FAULTS": '{"latency_ms": 5}',
+        "TIERQ_SIM_FAULTS__GPU_VLLM": '{"mode": "hang"}',
+    }
+    assert faults_from_env("gpu-vllm", env) == FaultSettings(mode="hang", latency_ms=5)
+    assert faults_from_env("other", env) == FaultSettings(latency_ms=5)
+    with pytest.raises(ValueError, match="TIERQ_SIM_FAULTS"):
+        faults_from_env("x", {"TIERQ_SIM_FAULTS": "[1]"})
+    monkeypatch.setenv("TIERQ_SIM_FAULTS", '{"retry_after": 7}')
+    args = _parser().parse_args(
+        ["a:1", "b:2", "--faults", 'b={"mode":"reset"}', "--latency-ms", "3"]
+    )
+    faults = initial_faults(args)
+    assert faults["a"] == FaultSettings(latency_ms=3, retry_after=7)
+    assert faults["b"] == FaultSettings(mode="reset", latency_ms=3, retry_after=7)
+
+
+def test_several_instances_in_one_thread_each() -> None:
+    with running_simulators("one", "two") as urls:
+        names = {httpx.get(f"{url}/_sim/state").json()["name"] for url in urls.values()}
+    assert names == {"one", "two"}
+
+
+def test_serve_forever_runs_named_instances_until_sigterm() -> None:
+    ports = []
+    for _ in range(2):
+        sock = bind("127.0.0.1", 0)
+        ports.append(sock.getsockname()[1])
+        sock.close()
+    env = os.environ | {"TIERQ_SIM_FAULTS__BETA": '{"mode": "overloaded"}'}
+    command = [sys.executable, "-m", "simulator", f"alpha:{ports[0]}", f"beta:{ports[1]}"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    try:
+        _wait_for(f"http://127.0.0.1:{ports[1]}/_sim/state")
+        alpha = httpx.post(f"http://127.0.0.1:{ports[0]}/api/chat", json=OLLAMA_BODY)
+        lines = [json.loads(line) for line in alpha.text.splitlines()]
+        assert "".join(line["message"]["content"] for line in lines).startswith("[alpha] ")
+        beta = httpx.post(f"http://127.0.0.1:{ports[1]}/api/chat", json=OLLAMA_BODY)
+        assert beta.status_code == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
+def _wait_for(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
