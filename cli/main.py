@@ -106,12 +106,13 @@ def _run_relay() -> None:
 @click.option("--address", default="127.0.0.1", show_default=True)
 def flower(port: int, address: str) -> None:
     """Run Flower, Celery's monitor, against tierq's broker (queues, workers, tasks)."""
-    from flower.command import flower as flower_command
+    from celery.bin.celery import celery as celery_command
 
-    from worker.celery_app import app
-
-    sys.argv = ["flower", f"--port={port}", f"--address={address}"]
-    flower_command.main(args=sys.argv[1:], obj=app, standalone_mode=True, prog_name="tierq flower")
+    # Flower is a `celery` subcommand; run it exactly as `celery -A ... flower` would.
+    celery_command.main(
+        args=["-A", "worker.celery_app:app", "flower", f"--port={port}", f"--address={address}"],
+        prog_name="tierq flower",
+    )
 
 
 @main.command()

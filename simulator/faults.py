@@ -37,18 +37,23 @@ class FaultSettings(BaseModel):
 
     mode: Mode = Mode.OK
     count: int | None = Field(
-        None, ge=1, description="Apply `mode` to the next N requests, then go back to ok."
+        default=None, ge=1, description="Apply `mode` to the next N requests, then go back to ok."
     )
-    latency_ms: float = Field(0.0, ge=0, description="Delay before the first byte of any answer.")
+    latency_ms: float = Field(
+        default=0.0, ge=0, description="Delay before the first byte of any answer."
+    )
     tokens_per_second: float | None = Field(
-        None, gt=0, description="Pace of generated tokens; empty means as fast as possible."
+        default=None, gt=0, description="Pace of generated tokens; empty means as fast as possible."
     )
-    retry_after: float = Field(1.0, ge=0, description="Seconds announced by rate_limit.")
+    retry_after: float = Field(default=1.0, ge=0, description="Seconds announced by rate_limit.")
     max_context_words: int | None = Field(
-        None, ge=1, description="Longer prompts get the context-length error even in ok mode."
+        default=None,
+        ge=1,
+        description="Longer prompts get the context-length error even in ok mode.",
     )
     scope: Literal["all", "chat"] = Field(
-        "all", description="'chat': liveness endpoints keep answering while inference fails."
+        default="all",
+        description="'chat': liveness endpoints keep answering while inference fails.",
     )
 
 

@@ -34,7 +34,7 @@ class AnthropicStreamer(Streamer):
         self.answer = answer
 
     def head(self) -> bytes:
-        message = {
+        message: dict[str, Any] = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
             "role": "assistant",

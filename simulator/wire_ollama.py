@@ -75,7 +75,9 @@ class OllamaWire(Wire):
     def parse_chat(self, body: bytes) -> ChatCall:
         data = self.load_object(body)
         model = self.require_model(data)
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        options = data.get("options")
+        if not isinstance(options, dict):
+            options = {}
         return ChatCall(
             model=model,
             messages=tuple(self.read_messages(data)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -33,13 +32,17 @@ def test_flower_shows_tier_queues_workers_and_tasks(tmp_path: Path) -> None:
         with d.client() as client:
             job = d.submit(client).json()
             client.get(f"/v1/jobs/{job['id']}", params={"wait": 20})
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        wanted = ('flower_worker_online{worker="gpu@', 'flower_events_total{task="tierq.run_job"')
+
+        def shown() -> bool:
             metrics = httpx.get(f"{base}/metrics").text
-            if "tierq.run_job" in metrics and 'worker="gpu@' in metrics:
-                break
-            time.sleep(0.5)
-        assert 'flower_worker_online{worker="gpu@' in metrics
-        assert 'flower_events_total{task="tierq.run_job"' in metrics
-        broker_page = httpx.get(f"{base}/broker").text
-        assert "gpu" in broker_page
+            return all(w in metrics for w in wanted)
+
+        wait_until(shown, 30, 0.5, what="flower to show the worker and its task events")
+        # The broker page lists the queues that live workers consume, with their lengths.
+        wait_until(
+            lambda: "<td>gpu</td>" in httpx.get(f"{base}/broker").text.replace(" ", ""),
+            30,
+            1,
+            what="flower's broker page to list the gpu queue",
+        )

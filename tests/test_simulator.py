@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -23,7 +24,10 @@ from simulator.server import bind
 from tests.simulator_fixture import running_simulator, running_simulators
 
 NAME = "sim-a"
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello big world"}]
+CHAT: list[Any] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello big world"},
+]
 ANSWER = f"[{NAME}] You said: hello big world"
 PROMPT_WORDS = 5  # "Be brief." + "hello big world"
 OLLAMA_BODY = {"model": "llama3.2:3b", "messages": CHAT}
@@ -62,7 +66,7 @@ def claude(base_url: str, control: SimulatorControl) -> anthropic.Anthropic:
 
 # -- OpenAI -----------------------------------------------------------------------------
 def test_openai_sdk_completes_a_chat(oai: openai.OpenAI) -> None:
-    completion = oai.chat.completions.create(model="gpt-x", messages=CHAT)  # type: ignore[arg-type]
+    completion = oai.chat.completions.create(model="gpt-x", messages=CHAT)
     assert completion.choices[0].message.content == ANSWER
     assert completion.choices[0].finish_reason == "stop"
     assert completion.model == "gpt-x"
@@ -75,7 +79,7 @@ def test_openai_sdk_completes_a_chat(oai: openai.OpenAI) -> None:
 def test_openai_sdk_streams_with_usage(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
         model="gpt-x",
-        messages=CHAT,  # type: ignore[arg-type]
+        messages=CHAT,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -90,7 +94,7 @@ def test_openai_sdk_streams_with_usage(oai: openai.OpenAI) -> None:
 
 
 def test_openai_max_tokens_cuts_the_answer(oai: openai.OpenAI) -> None:
-    completion = oai.chat.completions.create(model="m", messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+    completion = oai.chat.completions.create(model="m", messages=CHAT, max_tokens=3)
     assert completion.choices[0].message.content == f"[{NAME}] You said:"
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None and completion.usage.completion_tokens == 3
@@ -103,16 +107,16 @@ def test_openai_models_list(oai: openai.OpenAI) -> None:
 def test_openai_sdk_sees_protocol_errors(oai: openai.OpenAI, control: SimulatorControl) -> None:
     control.set_faults(mode="context_length")
     with pytest.raises(openai.BadRequestError) as bad:
-        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="m", messages=CHAT)
     assert bad.value.code == "context_length_exceeded"
     control.set_faults(mode="rate_limit", retry_after=2.5)
     with pytest.raises(openai.RateLimitError) as limited:
-        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="m", messages=CHAT)
     assert limited.value.response.headers["retry-after-ms"] == "2500"
     assert limited.value.response.headers["retry-after"] == "3"
     control.set_faults(mode="overloaded")
     with pytest.raises(openai.InternalServerError) as overloaded:
-        oai.chat.completions.create(model="m", messages=CHAT)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="m", messages=CHAT)
     assert overloaded.value.status_code == 503
 
 
@@ -300,7 +304,7 @@ def test_initial_faults_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> Non
         "TIERQ_SIM_FAULTS": '{"latency_ms": 5}',
         "TIERQ_SIM_FAULTS__GPU_VLLM": '{"mode": "hang"}',
     }
-    assert faults_from_env("gpu-vllm", env) == FaultSettings(mode="hang", latency_ms=5)
+    assert faults_from_env("gpu-vllm", env) == FaultSettings(mode=Mode.HANG, latency_ms=5)
     assert faults_from_env("other", env) == FaultSettings(latency_ms=5)
     with pytest.raises(ValueError, match="TIERQ_SIM_FAULTS"):
         faults_from_env("x", {"TIERQ_SIM_FAULTS": "[1]"})
@@ -310,7 +314,7 @@ def test_initial_faults_from_env_and_cli(monkeypatch: pytest.MonkeyPatch) -> Non
     )
     faults = initial_faults(args)
     assert faults["a"] == FaultSettings(latency_ms=3, retry_after=7)
-    assert faults["b"] == FaultSettings(mode="reset", latency_ms=3, retry_after=7)
+    assert faults["b"] == FaultSettings(mode=Mode.RESET, latency_ms=3, retry_after=7)
 
 
 def test_several_instances_in_one_thread_each() -> None:
@@ -327,17 +331,18 @@ def test_serve_forever_runs_named_instances_until_sigterm() -> None:
         sock.close()
     env = os.environ | {"TIERQ_SIM_FAULTS__BETA": '{"mode": "overloaded"}'}
     command = [sys.executable, "-m", "simulator", f"alpha:{ports[0]}", f"beta:{ports[1]}"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
-    try:
-        _wait_for(f"http://127.0.0.1:{ports[1]}/_sim/state")
-        alpha = httpx.post(f"http://127.0.0.1:{ports[0]}/api/chat", json=OLLAMA_BODY)
-        lines = [json.loads(line) for line in alpha.text.splitlines()]
-        assert "".join(line["message"]["content"] for line in lines).startswith("[alpha] ")
-        beta = httpx.post(f"http://127.0.0.1:{ports[1]}/api/chat", json=OLLAMA_BODY)
-        assert beta.status_code == 503
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+    with subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE) as process:
+        try:
+            _wait_for(f"http://127.0.0.1:{ports[1]}/_sim/state")
+            alpha = httpx.post(f"http://127.0.0.1:{ports[0]}/api/chat", json=OLLAMA_BODY)
+            lines = [json.loads(line) for line in alpha.text.splitlines()]
+            assert "".join(x["message"]["content"] for x in lines).startswith("[alpha] ")
+            beta = httpx.post(f"http://127.0.0.1:{ports[1]}/api/chat", json=OLLAMA_BODY)
+            assert beta.status_code == 503
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
 
 
 def _wait_for(url: str, timeout: float = 10.0) -> None:

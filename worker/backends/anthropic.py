@@ -13,6 +13,7 @@ from worker.backends.base import (
     ErrorInfo,
     as_int,
     class_for_stream_error,
+    dict_at,
     error_info_of,
     iter_sse,
     max_tokens_of,
@@ -86,7 +87,7 @@ class AnthropicClient(BackendClient):
         text = "".join(
             b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)
         )
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage = dict_at(data, "usage")
         return self._answer(text, data.get("stop_reason"), usage, data.get("model"))
 
     def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:

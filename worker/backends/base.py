@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import httpx
 
@@ -226,6 +226,12 @@ def iter_sse(lines: Iterator[str]) -> Iterator[ServerSentEvent]:
         yield ServerSentEvent(event, "\n".join(data))
 
 
+def dict_at(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` if it is an object, else an empty one (optional parts of answers)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def as_int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -246,7 +252,12 @@ def max_tokens_of(request: Mapping[str, Any]) -> int | None:
 
 
 class BackendClient(ABC):
-    """One backend (a BackendConfig) spoken to over one wire protocol."""
+    """One backend (a BackendConfig) spoken to over one wire protocol.
+
+    Thread-compatible like the ``httpx.Client`` under it; give each worker process its own.
+    """
+
+    liveness_path: ClassVar[str]  # the protocol's cheapest endpoint that proves the server up
 
     def __init__(self, config: BackendConfig, http: httpx.Client | None = None) -> None:
         self.config = config
@@ -279,7 +290,11 @@ class BackendClient(ABC):
 
     @abstractmethod
     def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:
-        """Yield text deltas as they arrive; the generator returns the ChatAnswer."""
+        """Yield text deltas as they arrive; the generator returns the ChatAnswer.
+
+        Nothing is sent before the first ``next()``; closing the generator early closes
+        the connection. Errors, including those reported mid-stream, raise BackendError.
+        """
 
     def live(self) -> bool:
         """Whether the protocol's cheap liveness endpoint answers 2xx right now."""
@@ -297,8 +312,6 @@ class BackendClient(ABC):
             )
             if not response.is_success:
                 self.raise_for_answer(response.status_code, response.headers, response.content)
-
-    liveness_path: str = "/"
 
     @abstractmethod
     def headers(self) -> dict[str, str]:

@@ -33,7 +33,10 @@ class OllamaClient(BackendClient):
 
     def body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
         messages = [
-            {"role": ROLES.get(m.get("role"), m.get("role")), "content": text_of(m.get("content"))}
+            {
+                "role": ROLES.get(str(m.get("role")), m.get("role")),
+                "content": text_of(m.get("content")),
+            }
             for m in request.get("messages", [])
             if isinstance(m, dict)
         ]

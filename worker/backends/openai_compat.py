@@ -13,6 +13,7 @@ from worker.backends.base import (
     ErrorInfo,
     as_int,
     class_for_stream_error,
+    dict_at,
     error_info_of,
     iter_sse,
 )
@@ -51,7 +52,7 @@ class OpenAIClient(BackendClient):
     def chat(self, request: dict[str, Any]) -> ChatAnswer:
         data = self.post_json(PATH, self.body(request, stream=False))
         message, finish_reason = self._first_choice(data)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage = dict_at(data, "usage")
         return ChatAnswer(
             content=_text(message.get("content")) or _text(message.get("refusal")),
             finish_reason=finish_reason or "stop",
