@@ -177,9 +177,16 @@ def main() -> None:
             "TIERQ_CONFIG": str(config),
             "TIERQ_HOME": str(logs),
         }
-        key = make_key(database.url)
-        bench_submit(env, logs, key, args.requests)
-        bench_end_to_end(env, logs, key, sim_url, args.rounds)
+        bench_submit(env, logs, make_key(database.url), args.requests)
+        # A fresh database, so the end-to-end jobs do not queue behind the submitted ones.
+        fresh = SharedDatabase()
+        upgrade(fresh.url)
+        env["TIERQ_DATABASE_URL"] = fresh.url
+        redis.client().flushall()
+        try:
+            bench_end_to_end(env, logs, make_key(fresh.url), sim_url, args.rounds)
+        finally:
+            fresh.drop()
     finally:
         os.killpg(sim.pid, signal.SIGKILL)
         redis.stop()

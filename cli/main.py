@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -116,6 +115,7 @@ def flower(port: int, address: str) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option(
     "--backend",
     "backends",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from simulator.admin import handle_admin
-from simulator.answer import make_answer
+from simulator.answer import Answer, make_answer
 from simulator.asgi import (
     Receive,
     Reply,
@@ -29,7 +29,7 @@ from simulator.asgi import (
     wait_disconnect,
 )
 from simulator.faults import FaultSettings, FaultState, Mode, Stats, faults_from_env
-from simulator.wire import Wire, WireError
+from simulator.wire import Streamer, Wire, WireError
 from simulator.wire_anthropic import AnthropicWire
 from simulator.wire_ollama import OllamaWire
 from simulator.wire_openai import OpenAIWire
@@ -147,6 +147,7 @@ class SimulatorApp:
             return wire.malformed(wire.wants_stream(body))
         if mode is Mode.WRONG_SHAPE:
             return wire.wrong_shape(wire.wants_stream(body))
+        # Mode.CONTEXT_LENGTH: the error names the prompt's size, so the body is parsed.
         try:
             prompt_tokens = wire.parse_chat(body).prompt_tokens
         except WireError as exc:
@@ -167,22 +168,25 @@ class SimulatorApp:
             return
         answer = make_answer(self.name, call)
         interval = 1 / settings.tokens_per_second if settings.tokens_per_second else 0.0
-        if not call.stream:
-            if interval:
-                await asyncio.sleep(interval * answer.completion_tokens)
-            await send_reply(send, wire.completion(call, answer))
+        if call.stream:
+            await _stream(wire.streamer(call, answer), answer, interval, send)
             return
-        streamer = wire.streamer(call, answer)
-        await start_stream(send, streamer.content_type)
-        if not interval:
-            # Unpaced: one write for the whole stream keeps benchmarks cheap; clients parse
-            # the frames the same way whatever the TCP segments.
-            frames = [streamer.head(), *map(streamer.piece, answer.pieces), streamer.tail()]
-            await send_chunk(send, b"".join(frames), more=False)
-            return
-        await send_chunk(send, streamer.head())
-        await _paced(send, [streamer.piece(p) for p in answer.pieces], interval)
-        await send_chunk(send, streamer.tail(), more=False)
+        if interval:
+            await asyncio.sleep(interval * answer.completion_tokens)
+        await send_reply(send, wire.completion(call, answer))
+
+
+async def _stream(streamer: Streamer, answer: Answer, interval: float, send: Send) -> None:
+    await start_stream(send, streamer.content_type)
+    if not interval:
+        # Unpaced: one write for the whole stream keeps benchmarks cheap; clients parse
+        # the frames the same way whatever the TCP segments.
+        frames = [streamer.head(), *map(streamer.piece, answer.pieces), streamer.tail()]
+        await send_chunk(send, b"".join(frames), more=False)
+        return
+    await send_chunk(send, streamer.head())
+    await _paced(send, [streamer.piece(p) for p in answer.pieces], interval)
+    await send_chunk(send, streamer.tail(), more=False)
 
 
 async def _paced(send: Send, frames: list[bytes], interval: float) -> None:

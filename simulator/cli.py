@@ -19,8 +19,9 @@ from simulator.server import serve_forever
 
 
 def _spec(text: str) -> tuple[str, int]:
-    name, sep, port = text.rpartition(":")
-    if not sep or not name or not port.isdigit():
+    # NAME:PORT, or NAME=PORT as `tierq simulate --backend` spells it.
+    name, _, port = text.replace("=", ":").rpartition(":")
+    if not name or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected NAME:PORT, got {text!r}")
     return name, int(port)
 

@@ -330,7 +330,7 @@ def test_serve_forever_runs_named_instances_until_sigterm() -> None:
         ports.append(sock.getsockname()[1])
         sock.close()
     env = os.environ | {"TIERQ_SIM_FAULTS__BETA": '{"mode": "overloaded"}'}
-    command = [sys.executable, "-m", "simulator", f"alpha:{ports[0]}", f"beta:{ports[1]}"]
+    command = [sys.executable, "-m", "simulator", f"alpha:{ports[0]}", f"beta={ports[1]}"]
     with subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE) as process:
         try:
             _wait_for(f"http://127.0.0.1:{ports[1]}/_sim/state")

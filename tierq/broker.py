@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from tierq.config import EMERGENCY_QUEUE
 from tierq.settings import Settings, get_settings
@@ -97,15 +98,22 @@ def get_celery() -> Celery:
     return app
 
 
+@lru_cache
+def _direct(name: str) -> Queue:
+    return Queue(name, Exchange(""), routing_key=name)
+
+
 def publish(
     job_id: uuid.UUID | str, queue: str, *, retry_policy: dict[str, Any] | None = None
 ) -> bool:
     """Ring the doorbell for one job on ``queue``. False (logged) if the broker is unreachable."""
     try:
+        # The default exchange ("") routes by queue name alone; a named exchange would need
+        # kombu's binding keys, which a Redis flush erases, and would then drop messages.
         get_celery().send_task(
             RUN_JOB,
             args=[str(job_id)],
-            queue=queue,
+            queue=_direct(queue),
             retry=True,
             retry_policy=retry_policy or FAST_PATH_RETRY,
         )

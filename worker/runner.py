@@ -17,13 +17,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tierq import broker
-from tierq.config import TierConfig, TierqConfig
+from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.crash import crash_point
 from tierq.db import db_now, session_scope
 from tierq.models import Job, JobStatus, Turn
 from tierq.settings import Settings
 from worker import claim
-from worker.backends import client_for
+from worker.backends import BackendClient, client_for
 from worker.backends.base import BackendError, ChatAnswer, ErrorClass
 from worker.lease_keeper import kept_alive
 
@@ -81,6 +81,13 @@ def backoff(tier: TierConfig, tries: int, retry_after: float | None) -> float:
 class JobRunner:
     def __init__(self, config: TierqConfig, settings: Settings, worker_name: str) -> None:
         self.config, self.settings, self.worker = config, settings, worker_name
+        self._clients: dict[str, BackendClient] = {}
+
+    def client(self, backend: BackendConfig) -> BackendClient:
+        """One client (and connection pool) per backend, per process: made after the fork."""
+        if backend.name not in self._clients:
+            self._clients[backend.name] = client_for(backend)
+        return self._clients[backend.name]
 
     def run(self, job_id: uuid.UUID, tier_name: str) -> None:
         with session_scope() as session:
@@ -120,7 +127,7 @@ class JobRunner:
         started = time.monotonic()
         crash_point("worker.before_call", subject=turns[-1].content if turns else "")
         try:
-            answer = client_for(backend).chat(request)
+            answer = self.client(backend).chat(request)
         except BackendError as error:
             self._on_error(lease, job, tier, backend.name, error, started)
             return
