@@ -10,8 +10,9 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,10 +24,12 @@ from tierq.crash import crash_point
 from tierq.db import db_now, session_scope
 from tierq.models import Conversation, Job, JobStatus, Turn
 
+JobRow = Any  # a Job, or a row of the jobs table: the same attributes
+
 
 @dataclass(frozen=True)
 class Accepted:
-    job: Job
+    job: JobRow
     replayed: bool  # an earlier request with the same Idempotency-Key made this job
 
 
@@ -52,10 +55,11 @@ def _reserve_turns(
 ) -> tuple[uuid.UUID, int]:
     """Reserve ``count`` turn positions (the messages plus the answer); return the first."""
     if conversation_id is None:
-        conversation = Conversation(owner_id=owner, turn_count=count)
-        session.add(conversation)
-        session.flush()
-        return conversation.id, 0
+        conversation_id = uuid.uuid4()
+        session.execute(
+            insert(Conversation).values(id=conversation_id, owner_id=owner, turn_count=count)
+        )
+        return conversation_id, 0
     # UPDATE ... RETURNING takes the row lock, so concurrent appends get disjoint positions.
     end = session.scalar(
         update(Conversation)
@@ -89,40 +93,47 @@ def _insert(
     key: str | None,
     digest: str,
     config: TierqConfig,
-) -> tuple[Job, bool]:
+) -> tuple[JobRow, bool]:
+    # Core inserts, not the unit of work: this is the hot path, and three statements do.
     conversation_id, first = _reserve_turns(
         session, owner, body.conversation_id, len(body.messages) + 1
     )
-    for offset, message in enumerate(body.messages):
-        session.add(
-            Turn(
-                conversation_id=conversation_id,
-                seq=first + offset,
-                role=message.role,
-                content=message.content,
-            )
-        )
-    answer_seq = first + len(body.messages)
-    previous = _previous_job(session, conversation_id, answer_seq)
-    blocked = previous is not None and not JobStatus(previous.status).terminal
-    job = Job(
-        owner_id=owner,
-        conversation_id=conversation_id,
-        after_job_id=previous.id if previous else None,
-        answer_seq=answer_seq,
-        status=JobStatus.QUEUED,
-        tier=config.tier_names[0],
-        priority=body.priority,
-        deadline=body.deadline,
-        request=body.params(),
-        idempotency_key=key,
-        request_hash=digest,
-        on_exhausted=body.on_exhausted,
-        # A blocked job is published when the job before it ends; NULL tells the relay.
-        published_at=None if blocked else db_now(),
+    session.execute(
+        insert(Turn),
+        [
+            {
+                "id": uuid.uuid4(),
+                "conversation_id": conversation_id,
+                "seq": first + offset,
+                "role": message.role,
+                "content": message.content,
+            }
+            for offset, message in enumerate(body.messages)
+        ],
     )
-    session.add(job)
-    session.flush()
+    answer_seq = first + len(body.messages)
+    previous = _previous_job(session, conversation_id, answer_seq) if body.conversation_id else None
+    blocked = previous is not None and not JobStatus(previous.status).terminal
+    values = {
+        "id": uuid.uuid4(),
+        "owner_id": owner,
+        "conversation_id": conversation_id,
+        "after_job_id": previous.id if previous else None,
+        "answer_seq": answer_seq,
+        "status": JobStatus.QUEUED,
+        "tier": config.tier_names[0],
+        "priority": body.priority,
+        "deadline": body.deadline,
+        "request": body.params(),
+        "idempotency_key": key,
+        "request_hash": digest,
+        "on_exhausted": body.on_exhausted,
+        # A blocked job is published when the job before it ends; NULL tells the relay.
+        "published_at": None if blocked else db_now(),
+    }
+    # The table, not the mapped class: ORM bulk inserts turn SQL expressions into parameters.
+    table = Job.__table__
+    job = session.execute(insert(table).values(values).returning(table)).one()
     return job, blocked
 
 

@@ -83,13 +83,12 @@ def get_conversation(
 @router.post("/{conversation_id}/messages", status_code=202, response_model=JobOut)
 def post_message(
     request: Request,
-    response: Response,
     conversation_id: uuid.UUID,
     body: MessageCreate,
     caller: Annotated[Caller, Depends(current_caller)],
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+) -> Response:
     job_body = JobCreate.model_validate(
         {**body.model_dump(exclude_none=True), "conversation_id": conversation_id}
     )
-    return submit_response(request, response, caller, job_body, idempotency_key)
+    return submit_response(request, caller, job_body, idempotency_key)

@@ -27,29 +27,29 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 
 
 def submit_response(
-    request: Request,
-    response: Response,
-    caller: Caller,
-    body: JobCreate,
-    idempotency_key: str | None,
-) -> JobOut:
+    request: Request, caller: Caller, body: JobCreate, idempotency_key: str | None
+) -> Response:
     accepted = accept(caller.key_id, body, idempotency_key, request.app.state.tier_config)
-    response.status_code = 202
-    response.headers["Location"] = f"/v1/jobs/{accepted.job.id}"
+    headers = {"Location": f"/v1/jobs/{accepted.job.id}"}
     if accepted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.of(accepted.job)
+        headers["Idempotent-Replayed"] = "true"
+    # Serialized once here; returning the model would make FastAPI validate it again.
+    return Response(
+        JobOut.of(accepted.job).model_dump_json(),
+        status_code=202,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 @router.post("", status_code=202, response_model=JobOut)
 def submit_job(
     request: Request,
-    response: Response,
     body: JobCreate,
     caller: Annotated[Caller, Depends(current_caller)],
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
-    return submit_response(request, response, caller, body, idempotency_key)
+) -> Response:
+    return submit_response(request, caller, body, idempotency_key)
 
 
 def load_job(caller: Caller, job_id: uuid.UUID) -> Job:
