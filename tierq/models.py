@@ -123,6 +123,9 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str] = mapped_column(String(64))
     on_exhausted: Mapped[str | None] = mapped_column(String(16))
+    # Hash of the normalized request (model, messages, parameters): the minimal tier's
+    # cache answers a job with the latest good answer to the same request.
+    cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
 
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -161,7 +164,11 @@ class Attempt(Base):
 
 
 class Backend(Base):
-    """Operator-visible state of one backend, shared by every worker process."""
+    """Shared state of one backend: health, circuit breaker, operator switch.
+
+    Every worker process on every machine reads and updates this one row, so a breaker
+    opened by one worker is open for all of them.
+    """
 
     __tablename__ = "backends"
 
@@ -170,6 +177,40 @@ class Backend(Base):
     health: Mapped[str] = mapped_column(String(16), default="unknown")
     circuit: Mapped[str] = mapped_column(String(16), default="closed")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    opened_at: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None]
+    window_started_at: Mapped[datetime | None]
+    window_calls: Mapped[int] = mapped_column(Integer, default=0)
+    window_failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_retries: Mapped[int] = mapped_column(Integer, default=0)
+    trial_until: Mapped[datetime | None]  # a half-open trial call is in flight until then
+    trial_successes: Mapped[int] = mapped_column(Integer, default=0)
     last_probe_at: Mapped[datetime | None]
     last_latency_ms: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class CircuitTransition(Base):
+    """Every breaker state change, with its time and reason: the outage timeline."""
+
+    __tablename__ = "circuit_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    backend: Mapped[str] = mapped_column(ForeignKey("backends.name"), index=True)
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class JobEvent(Base):
+    """What happened to a job, in order: claimed, calling, retrying, escalated, parked, …"""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 23:44:53.187957
+Create Date: 2026-11-25 00:13:57.603610
 """
 
 from collections.abc import Sequence
@@ -43,8 +43,17 @@ def upgrade() -> None:
         sa.Column("health", sa.String(length=16), nullable=False),
         sa.Column("circuit", sa.String(length=16), nullable=False),
         sa.Column("disabled", sa.Boolean(), nullable=False),
+        sa.Column("opened_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("window_started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("window_calls", sa.Integer(), nullable=False),
+        sa.Column("window_failures", sa.Integer(), nullable=False),
+        sa.Column("window_retries", sa.Integer(), nullable=False),
+        sa.Column("trial_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("trial_successes", sa.Integer(), nullable=False),
         sa.Column("last_probe_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_latency_ms", sa.Float(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column(
             "updated_at",
             sa.DateTime(timezone=True),
@@ -53,6 +62,30 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("name"),
     )
+    op.create_table(
+        "circuit_transitions",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("backend", sa.String(length=128), nullable=False),
+        sa.Column("from_state", sa.String(length=16), nullable=False),
+        sa.Column("to_state", sa.String(length=16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("(CURRENT_TIMESTAMP)"),
+            nullable=False,
+        ),
+        sa.ForeignKeyConstraint(
+            ["backend"],
+            ["backends.name"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("circuit_transitions", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_circuit_transitions_backend"), ["backend"], unique=False
+        )
+
     op.create_table(
         "conversations",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -92,6 +125,7 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("on_exhausted", sa.String(length=16), nullable=True),
+        sa.Column("cache_key", sa.String(length=64), nullable=True),
         sa.Column("deliveries", sa.Integer(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("tier_attempts", sa.Integer(), nullable=False),
@@ -138,33 +172,10 @@ def upgrade() -> None:
         sa.UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_idempotency"),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_jobs_cache_key"), ["cache_key"], unique=False)
         batch_op.create_index("ix_jobs_owner_created", ["owner_id", "created_at"], unique=False)
         batch_op.create_index("ix_jobs_status_tier", ["status", "tier"], unique=False)
 
-    op.create_table(
-        "turns",
-        sa.Column("id", sa.Uuid(), nullable=False),
-        sa.Column("conversation_id", sa.Uuid(), nullable=False),
-        sa.Column("seq", sa.Integer(), nullable=False),
-        sa.Column("role", sa.String(length=16), nullable=False),
-        sa.Column("content", sa.Text(), nullable=False),
-        sa.Column("job_id", sa.Uuid(), nullable=True),
-        sa.Column(
-            "created_at",
-            sa.DateTime(timezone=True),
-            server_default=sa.text("(CURRENT_TIMESTAMP)"),
-            nullable=False,
-        ),
-        sa.CheckConstraint("role IN ('system', 'user', 'assistant')", name="ck_turns_role"),
-        sa.ForeignKeyConstraint(
-            ["conversation_id"],
-            ["conversations.id"],
-        ),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name="fk_turns_job"),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),
-        sa.UniqueConstraint("job_id", name="uq_turns_job_answer"),
-    )
     op.create_table(
         "attempts",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -191,25 +202,83 @@ def upgrade() -> None:
     with op.batch_alter_table("attempts", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_attempts_job_id"), ["job_id"], unique=False)
 
+    op.create_table(
+        "job_events",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("job_id", sa.Uuid(), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
+        sa.Column(
+            "detail",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("(CURRENT_TIMESTAMP)"),
+            nullable=False,
+        ),
+        sa.ForeignKeyConstraint(
+            ["job_id"],
+            ["jobs.id"],
+        ),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("job_events", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_job_events_job_id"), ["job_id"], unique=False)
+
+    op.create_table(
+        "turns",
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("conversation_id", sa.Uuid(), nullable=False),
+        sa.Column("seq", sa.Integer(), nullable=False),
+        sa.Column("role", sa.String(length=16), nullable=False),
+        sa.Column("content", sa.Text(), nullable=False),
+        sa.Column("job_id", sa.Uuid(), nullable=True),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("(CURRENT_TIMESTAMP)"),
+            nullable=False,
+        ),
+        sa.CheckConstraint("role IN ('system', 'user', 'assistant')", name="ck_turns_role"),
+        sa.ForeignKeyConstraint(
+            ["conversation_id"],
+            ["conversations.id"],
+        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name="fk_turns_job"),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),
+        sa.UniqueConstraint("job_id", name="uq_turns_job_answer"),
+    )
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    op.drop_table("turns")
+    with op.batch_alter_table("job_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_job_events_job_id"))
+
+    op.drop_table("job_events")
     with op.batch_alter_table("attempts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_attempts_job_id"))
 
     op.drop_table("attempts")
-    op.drop_table("turns")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_status_tier")
         batch_op.drop_index("ix_jobs_owner_created")
+        batch_op.drop_index(batch_op.f("ix_jobs_cache_key"))
 
     op.drop_table("jobs")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_conversations_owner_id"))
 
     op.drop_table("conversations")
+    with op.batch_alter_table("circuit_transitions", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_circuit_transitions_backend"))
+
+    op.drop_table("circuit_transitions")
     op.drop_table("backends")
     op.drop_table("api_keys")
     # ### end Alembic commands ###
