@@ -30,6 +30,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class BreakerConfig(_Strict):
+    """Open when failures / calls >= failure_rate over at least min_calls in the window."""
+
+    window_seconds: float = Field(30.0, gt=0)
+    min_calls: int = Field(5, ge=1)
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    recovery_timeout: float = Field(10.0, gt=0, description="OPEN this long, then HALF_OPEN.")
+    half_open_successes: int = Field(2, ge=1, description="Trial successes that close it.")
+    slow_start_seconds: float = Field(10.0, ge=0, description="Traffic ramp after closing.")
+
+
+class HealthConfig(_Strict):
+    interval: float = Field(5.0, gt=0, description="Seconds between probes of a backend.")
+    canary: bool | None = Field(
+        None, description="Deep probe with a tiny inference; default off for paid APIs."
+    )
+    degraded_latency_ms: float = Field(2000.0, gt=0)
+
+
 class BackendConfig(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     protocol: Protocol
@@ -41,6 +60,17 @@ class BackendConfig(_Strict):
     connect_timeout: float = Field(2.0, gt=0)
     read_timeout: float = Field(60.0, gt=0)
     max_concurrency: int = Field(8, ge=1)
+    context_window: int | None = Field(None, ge=1, description="Tokens the model accepts.")
+    larger_context: str | None = Field(
+        None, description="Backend to send a request that does not fit this one's context."
+    )
+    paid: bool = Field(False, description="Calls cost money: no canary probes by default.")
+    breaker: BreakerConfig | None = Field(None, description="Overrides the tier's breaker.")
+    health: HealthConfig = HealthConfig()
+
+    @property
+    def canary(self) -> bool:
+        return self.health.canary if self.health.canary is not None else not self.paid
 
     @property
     def api_key(self) -> SecretStr | None:
@@ -52,6 +82,9 @@ class RetryConfig(_Strict):
     attempts: int = Field(2, ge=1, description="Calls per tier before escalating.")
     base_delay: float = Field(0.5, ge=0)
     max_delay: float = Field(30.0, ge=0)
+    budget: float = Field(
+        0.2, ge=0, le=1, description="Retries at most this share of a backend's calls."
+    )
 
 
 class DegradeConfig(_Strict):
@@ -67,6 +100,7 @@ class TierConfig(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     backends: list[BackendConfig] = Field(min_length=1)
     retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
     degrade: DegradeConfig = DegradeConfig()
 
 
@@ -101,6 +135,13 @@ class TierqConfig(_Strict):
         for name in backends:
             if backends.count(name) > 1:
                 raise ValueError(f"backend name '{name}' is used more than once")
+        for i, tier in enumerate(self.tiers):
+            for j, backend in enumerate(tier.backends):
+                if backend.larger_context and backend.larger_context not in backends:
+                    raise ValueError(
+                        f"tiers.{i}.backends.{j}.larger_context: no backend "
+                        f"'{backend.larger_context}'"
+                    )
         return self
 
     @property
@@ -121,6 +162,12 @@ class TierqConfig(_Strict):
     @cached_property
     def backends(self) -> dict[str, BackendConfig]:
         return {b.name: b for t in self.tiers for b in t.backends}
+
+    def tier_of(self, backend: str) -> TierConfig:
+        return next(t for t in self.tiers if any(b.name == backend for b in t.backends))
+
+    def breaker_for(self, backend: str) -> BreakerConfig:
+        return self.backends[backend].breaker or self.tier_of(backend).breaker
 
 
 def _describe(error: ValidationError) -> str:

@@ -126,6 +126,8 @@ class Job(Base):
     # Hash of the normalized request (model, messages, parameters): the minimal tier's
     # cache answers a job with the latest good answer to the same request.
     cache_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Set when the job must run on one backend (a larger context window than the last).
+    pinned_backend: Mapped[str | None] = mapped_column(String(128))
 
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

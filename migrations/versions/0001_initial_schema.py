@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 00:13:57.603610
+Create Date: 2026-11-25 00:14:48.592193
 """
 
 from collections.abc import Sequence
@@ -126,6 +126,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("on_exhausted", sa.String(length=16), nullable=True),
         sa.Column("cache_key", sa.String(length=64), nullable=True),
+        sa.Column("pinned_backend", sa.String(length=128), nullable=True),
         sa.Column("deliveries", sa.Integer(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("tier_attempts", sa.Integer(), nullable=False),
