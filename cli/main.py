@@ -81,23 +81,27 @@ def worker(tier: str, concurrency: int, loglevel: str) -> None:
 
 @main.command()
 def relay() -> None:
-    """Run the relay alone: publish queued jobs, reclaim expired leases, wake due jobs."""
-    _run_relay()
+    """Run the relay alone: publish queued jobs, reclaim expired leases, wake due jobs,
+    replay parked jobs."""
+    _run_relay(probes=False)
 
 
 @main.command()
 def beat() -> None:
-    """Run the periodic duties (the relay; one active instance across machines)."""
-    _run_relay()
+    """Run the periodic duties: the relay and the backend health probes (one active
+    instance across machines)."""
+    _run_relay(probes=True)
 
 
-def _run_relay() -> None:
+def _run_relay(probes: bool) -> None:
     from cli.logs import setup_logging
+    from worker.health import Prober
     from worker.relay import run_forever
 
     setup_logging()
     settings = get_settings()
-    run_forever(_config_or_exit(settings.config), settings)
+    config = _config_or_exit(settings.config)
+    run_forever(config, settings, Prober(config) if probes else None)
 
 
 @main.command()

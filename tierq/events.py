@@ -6,8 +6,9 @@ NOTIFY is delivered on commit only, so a listener never hears of an end that rol
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.orm import Session
 
 JOB_ENDED_CHANNEL = "tierq_job_ended"
@@ -22,3 +23,11 @@ def notify_job_changed(session: Session, job_id: uuid.UUID | str) -> None:
                 "id": str(job_id),
             },
         )
+
+
+def record_event(session: Session, job_id: uuid.UUID | str, kind: str, **detail: Any) -> None:
+    """Append to the job's event log, in the caller's transaction (so never a phantom)."""
+    from tierq.models import JobEvent
+
+    session.execute(insert(JobEvent).values(
+        job_id=uuid.UUID(str(job_id)), kind=kind, detail=detail))

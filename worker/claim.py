@@ -15,7 +15,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from tierq.db import db_now
-from tierq.events import notify_job_changed
+from tierq.events import notify_job_changed, record_event
 from tierq.models import ACTIVE_STATUSES, Attempt, Job, JobStatus, Turn
 
 
@@ -49,7 +49,10 @@ def claim(
         )
         .returning(Job.id)
     )
-    return Lease(job_id, token, owner) if claimed else None
+    if not claimed:
+        return None
+    record_event(session, job_id, "claimed", worker=owner, tier=tier)
+    return Lease(job_id, token, owner)
 
 
 def renew(session: Session, lease: Lease, seconds: float) -> bool:
@@ -100,6 +103,7 @@ def succeed(
     backend: str,
     model: str,
     quality: str,
+    cache_key: str | None = None,
 ) -> bool:
     """running → succeeded, with the assistant turn, in the caller's transaction."""
     if not _release(
@@ -110,10 +114,19 @@ def succeed(
         backend=backend,
         model=model,
         quality=quality,
+        cache_key=cache_key,
         finished_at=db_now(),
         error=None,
     ):
         return False
+    record_event(
+        session,
+        job.id,
+        "answered",
+        backend=backend,
+        quality=quality,
+        tier=result.get("tierq", {}).get("tier"),
+    )
     content = result["choices"][0]["message"]["content"]
     session.add(
         Turn(
@@ -139,19 +152,59 @@ def end(session: Session, lease: Lease, status: JobStatus, reason: str, **values
         **values,
     )
     if ended:
+        record_event(session, lease.job_id, str(status), reason=reason)
         notify_job_changed(session, lease.job_id)
     return ended
 
 
-def retry_later(session: Session, lease: Lease, delay: float) -> bool:
+def retry_later(session: Session, lease: Lease, delay: float, reason: str) -> bool:
     """running → retry_wait; the relay makes it queued again when due (database clock)."""
-    return _release(session, lease, status=JobStatus.RETRY_WAIT, due_at=db_now(delay))
+    done = _release(session, lease, status=JobStatus.RETRY_WAIT, due_at=db_now(delay))
+    if done:
+        record_event(
+            session, lease.job_id, "retrying", delay_seconds=round(delay, 3), reason=reason
+        )
+    return done
 
 
-def escalate(session: Session, lease: Lease, tier: str) -> bool:
-    """running → queued on the next tier; the caller publishes after commit."""
-    return _release(
-        session, lease, status=JobStatus.QUEUED, tier=tier, tier_attempts=0, published_at=db_now()
+def escalate(
+    session: Session,
+    lease: Lease,
+    from_tier: str,
+    tier: str,
+    reason: str,
+    pinned: str | None = None,
+) -> bool:
+    """running → queued on another tier; the caller publishes after commit."""
+    done = _release(
+        session,
+        lease,
+        status=JobStatus.QUEUED,
+        tier=tier,
+        tier_attempts=0,
+        published_at=db_now(),
+        pinned_backend=pinned,
+    )
+    if done:
+        record_event(
+            session,
+            lease.job_id,
+            "escalated",
+            reason=reason,
+            pinned=pinned,
+            **{"from": from_tier, "to": tier},
+        )
+    return done
+
+
+def deadline_within(session: Session, job_id: uuid.UUID, seconds: float) -> bool:
+    """Will the job's deadline have passed ``seconds`` from now (database clock)?"""
+    return bool(
+        session.scalar(
+            select(Job.deadline.is_not(None) & (Job.deadline < db_now(seconds))).where(
+                Job.id == job_id
+            )
+        )
     )
 
 

@@ -16,18 +16,21 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, exists, select, text, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import Engine, exists, func, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from tierq import broker
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
-from tierq.events import notify_job_changed
-from tierq.models import ACTIVE_STATUSES, Job, JobStatus
+from tierq.events import notify_job_changed, record_event
+from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
 from tierq.settings import Settings
+from worker import circuit
 from worker.broker_epoch import BrokerEpoch
+from worker.health import Prober
 
 log = logging.getLogger(__name__)
 RELAY_LOCK_ID = 0x7469657271  # "tierq"
@@ -40,6 +43,7 @@ class Relay:
         self.epoch = BrokerEpoch(settings)
         self._replay_credit = 0.0
         self._last_sweep = time.monotonic()
+        self._saw_outage = False
 
     def sweep(self) -> dict[str, int]:
         """One pass; returns how many jobs each step touched (for logs and tests)."""
@@ -106,18 +110,28 @@ class Relay:
             )
 
     def _replay_parked(self) -> int:
-        """Release parked jobs that are due, highest priority and oldest first, paced."""
+        """Release parked jobs to the first tier that is alive again, highest priority and
+        oldest first: one at a time while its breaker is only half open, then at the replay
+        rate (a token bucket), so a recovering backend is not flooded."""
         now = time.monotonic()
         rate = self.config.emergency.replay_rate
-        self._replay_credit = min(self._replay_credit + (now - self._last_sweep) * rate, rate)
+        self._replay_credit = min(
+            self._replay_credit + (now - self._last_sweep) * rate, max(rate, 1.0)
+        )
         self._last_sweep = now
-        budget = int(self._replay_credit)
-        if budget <= 0:
-            return 0
         with session_scope() as session:
+            live = live_tier(session, self.config)
+            if live is None:
+                self._saw_outage = True
+                self._push_back_retry_after(session)
+                return 0
+            tier, closed = live
+            budget = int(self._replay_credit) if closed else self._trial_budget(session, tier)
+            if budget <= 0:
+                return 0
             ids = session.scalars(
                 select(Job.id)
-                .where(Job.status == JobStatus.PARKED, Job.due_at <= db_now())
+                .where(Job.status == JobStatus.PARKED)
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(budget)
             ).all()
@@ -126,15 +140,39 @@ class Relay:
                     update(Job)
                     .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
                     .values(
-                        status=JobStatus.QUEUED, published_at=None, due_at=None, updated_at=db_now()
+                        status=JobStatus.QUEUED,
+                        tier=tier,
+                        published_at=None,
+                        due_at=None,
+                        updated_at=db_now(),
                     )
                     .returning(Job.id)
                 ).all()
                 if ids
                 else []
             )
-        self._replay_credit -= len(released)
+            for job_id in released:
+                record_event(session, job_id, "replayed", tier=tier)
+        if closed:
+            self._replay_credit -= len(released)
         return len(released)
+
+    def _trial_budget(self, session: Session, tier: str) -> int:
+        """While a breaker is half open, one replayed job at a time goes to it."""
+        busy = session.scalar(
+            select(func.count()).where(
+                Job.tier == tier, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+            )
+        )
+        return 0 if busy else 1
+
+    def _push_back_retry_after(self, session: Session) -> None:
+        """Nothing is alive: keep the retry time that pollers see in the future."""
+        session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.PARKED, Job.due_at <= db_now())
+            .values(due_at=db_now(self.config.emergency.retry_after))
+        )
 
     def _fail_past_deadline(self) -> int:
         waiting = (JobStatus.QUEUED, JobStatus.RETRY_WAIT, JobStatus.PARKED)
@@ -206,7 +244,47 @@ def leadership(engine: Engine, settings: Settings) -> Iterator[Any]:
         yield handle
 
 
-def run_forever(config: TierqConfig, settings: Settings) -> None:
+def live_tier(session: Session, config: TierqConfig) -> tuple[str, bool] | None:
+    """The first model tier with a backend that may take calls, and whether one of its
+    breakers is fully closed (False: only half-open trials, or open past recovery)."""
+    rows = {row.name: row for row in session.scalars(select(Backend))}
+    now = session.scalar(select(db_now()))
+    for tier in config.tiers:
+        states = [
+            _callable_state(rows.get(b.name), config.breaker_for(b.name).recovery_timeout, now)
+            for b in tier.backends
+        ]
+        if "closed" in states:
+            return tier.name, True
+        if "trial" in states:
+            return tier.name, False
+    return None
+
+
+def _callable_state(row: Backend | None, recovery: float, now: Any) -> str | None:
+    if row is None:
+        return "closed"  # never seen: no reason to think it is down
+    if row.disabled or row.health == "down":
+        return None
+    if row.circuit == "closed":
+        return "closed"
+    if row.circuit == "half_open":
+        return "trial"
+    opened = _as_datetime(row.opened_at)
+    if opened is None or (_as_datetime(now) - opened).total_seconds() >= recovery:
+        return "trial"
+    return None
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite returns db_now() as text
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def run_forever(config: TierqConfig, settings: Settings, prober: Prober | None = None) -> None:
     relay = Relay(config, settings)
     engine = get_engine()
     log.info("relay waiting for leadership")
@@ -214,6 +292,10 @@ def run_forever(config: TierqConfig, settings: Settings) -> None:
         try:
             with leadership(engine, settings):
                 log.info("relay active")
+                with session_scope() as session:
+                    circuit.ensure_rows(session, config)
+                if prober is not None:
+                    prober.start()
                 while True:
                     counts = relay.sweep()
                     if any(counts.values()):

@@ -1,8 +1,10 @@
-"""Running one job: claim it, call a backend of this tier, record what happened.
+"""Running one job: claim it, pick a live backend of this tier, call it, record the outcome.
 
-The outcome of a call decides the next state (DESIGN.md, job lifecycle): an answer ends the
-job; a retryable error waits in ``retry_wait`` (the relay wakes it, nothing sleeps here);
-an exhausted tier escalates to the next; nothing left parks the job or fails it.
+The outcome decides the next state (DESIGN.md, job lifecycle): an answer ends the job; a
+retryable error waits in ``retry_wait`` (the relay wakes it; nothing sleeps here); an
+exhausted tier, or one with no live backend, passes the job on at once to the next tier;
+after the last model tier the request's ``on_exhausted`` decides: the minimal tier, parking
+or failing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from tierq import broker
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.crash import crash_point
 from tierq.db import db_now, session_scope
-from tierq.models import Job, JobStatus, Turn
+from tierq.events import record_event
+from tierq.models import Backend, Job, JobStatus, Turn
 from tierq.settings import Settings
-from worker import claim
+from worker import circuit, claim, minimal, routing
 from worker.backends import BackendClient, client_for
 from worker.backends.base import BackendError, ChatAnswer, ErrorClass
 from worker.lease_keeper import kept_alive
@@ -101,7 +104,9 @@ class JobRunner:
             return
         crash_point("worker.after_claim")
         with kept_alive(lease, self.settings.lease_seconds):
-            self._run_claimed(lease, tier_name)
+            publish_to = self._run_claimed(lease, self.config.tier(tier_name))
+        if publish_to:
+            broker.publish(job_id, publish_to)
 
     def _load(self, session: Session, lease: claim.Lease) -> tuple[Job, list[Turn]]:
         job = session.get_one(Job, lease.job_id)
@@ -114,50 +119,70 @@ class JobRunner:
         )
         return job, turns
 
-    def _run_claimed(self, lease: claim.Lease, tier_name: str) -> None:
+    def _run_claimed(self, lease: claim.Lease, tier: TierConfig) -> str | None:
+        """Returns the queue to publish the job to after this, if it moved to another tier."""
+        first = self.config.tier(self.config.tier_names[0])
         with session_scope() as session:
             if claim.deadline_passed(session, lease.job_id):
                 claim.end(session, lease, JobStatus.FAILED, "deadline passed before an answer")
-                return
+                return None
             job, turns = self._load(session, lease)
-        tier = self.config.tier(tier_name)
-        first_tier = tier_name == self.config.tier_names[0]
-        backend = tier.backends[job.tier_attempts % len(tier.backends)]
-        request = build_request(job, turns, tier, first_tier)
+            original = build_request(job, turns, first, first_tier=True)
+            route = routing.choose(session, self.config, tier, job.pinned_backend)
+            if route is None:
+                return self._exhausted(
+                    session, lease, job, tier, original, f"no live backend in tier {tier.name}"
+                )
+            record_event(session, job.id, "calling", backend=route.backend.name, tier=tier.name)
+        request = build_request(job, turns, tier, first_tier=tier.name == first.name)
         started = time.monotonic()
         crash_point("worker.before_call", subject=turns[-1].content if turns else "")
         try:
-            answer = self.client(backend).chat(request)
+            answer = self.client(route.backend).chat(request)
         except BackendError as error:
-            self._on_error(lease, job, tier, backend.name, error, started)
-            return
+            return self._on_error(lease, job, tier, route, error, original, started)
         crash_point("worker.after_call")
+        self._on_answer(lease, job, tier, route, answer, original, started)
+        return None
+
+    def _on_answer(
+        self,
+        lease: claim.Lease,
+        job: Job,
+        tier: TierConfig,
+        route: routing.Route,
+        answer: ChatAnswer,
+        original: dict[str, Any],
+        started: float,
+    ) -> None:
+        first_tier = tier.name == self.config.tier_names[0]
         quality = "full" if first_tier else "reduced"
+        name = route.backend.name
         result = completion(
             job,
             answer,
-            tier=tier_name,
-            backend=backend.name,
+            tier=tier.name,
+            backend=name,
             quality=quality,
             notice=None if first_tier else tier.degrade.notice,
         )
+        latency = _ms(started)
         with session_scope() as session:
             claim.record_attempt(
-                session,
-                lease,
-                tier=tier_name,
-                backend=backend.name,
-                outcome="ok",
-                latency_ms=_ms(started),
+                session, lease, tier=tier.name, backend=name, outcome="ok", latency_ms=latency
+            )
+            circuit.record(
+                session, route.permit, True, self.config.breaker_for(name), latency_ms=latency
             )
             if not claim.succeed(
                 session,
                 lease,
                 job,
                 result,
-                backend=backend.name,
+                backend=name,
                 model=answer.model,
                 quality=quality,
+                cache_key=minimal.cache_key(original),
             ):
                 log.warning("job %s: lease lost before the answer was saved", job.id)
                 session.rollback()
@@ -170,78 +195,158 @@ class JobRunner:
         lease: claim.Lease,
         job: Job,
         tier: TierConfig,
-        backend: str,
+        route: routing.Route,
         error: BackendError,
+        original: dict[str, Any],
         started: float,
-    ) -> None:
-        log.info("job %s: %s on %s: %s", job.id, error.error_class, backend, error.message)
-        publish_to: str | None = None
+    ) -> str | None:
+        backend = route.backend
+        log.info("job %s: %s on %s: %s", job.id, error.error_class, backend.name, error.message)
         with session_scope() as session:
             claim.record_attempt(
                 session,
                 lease,
                 tier=tier.name,
-                backend=backend,
+                backend=backend.name,
                 outcome="error",
                 error_class=str(error.error_class),
                 error_message=error.message[:2000],
                 latency_ms=_ms(started),
             )
-            tries = job.tier_attempts + 1
+            # A request the backend rejects says nothing about the backend's health.
+            healthy_refusal = not error.error_class.retryable
+            circuit.record(
+                session,
+                route.permit,
+                healthy_refusal,
+                self.config.breaker_for(backend.name),
+                reason=str(error),
+            )
             if error.error_class is ErrorClass.CLIENT:
                 claim.end(
                     session,
                     lease,
                     JobStatus.FAILED,
-                    f"{backend} refused the request: {error.message}",
+                    f"{backend.name} refused the request: {error.message}",
                 )
-            elif error.error_class.retryable and tries < tier.retry.attempts:
-                claim.retry_later(session, lease, backoff(tier, tries, error.retry_after))
-            else:
-                publish_to = self._exhausted(session, lease, job, tier)
-        if publish_to:
-            broker.publish(job.id, publish_to)
+                return None
+            if error.error_class is ErrorClass.CONTEXT_LENGTH:
+                return self._larger_context(session, lease, job, tier, backend, error)
+            return self._retry_or_move_on(session, lease, job, tier, backend.name, error, original)
 
-    def _exhausted(
-        self, session: Session, lease: claim.Lease, job: Job, tier: TierConfig
+    def _retry_or_move_on(
+        self,
+        session: Session,
+        lease: claim.Lease,
+        job: Job,
+        tier: TierConfig,
+        backend: str,
+        error: BackendError,
+        original: dict[str, Any],
     ) -> str | None:
-        """This tier is out of tries: the next tier, or what the request accepts after it."""
-        next_tier = self.config.next_tier(tier.name)
-        if next_tier is not None:
-            claim.escalate(session, lease, next_tier)
-            return next_tier
-        policy = job.on_exhausted or self.config.on_exhausted
-        if policy == "fail":
-            claim.end(session, lease, JobStatus.FAILED, "every tier failed")
-        elif policy == "degrade" and self.config.minimal.static_message:
-            self._static_answer(session, lease, job)
-        else:
-            emergency = self.config.emergency
+        tries = job.tier_attempts + 1
+        delay = backoff(tier, tries, error.retry_after)
+        row = session.get_one(Backend, backend)
+        if (
+            tries < tier.retry.attempts
+            and circuit.retry_allowed(row, tier.retry.budget)
+            and not claim.deadline_within(session, job.id, delay)
+        ):
+            circuit.count_retry(session, backend)
+            claim.retry_later(session, lease, delay, reason=str(error))
+            return None
+        return self._exhausted(
+            session,
+            lease,
+            job,
+            tier,
+            original,
+            f"tier {tier.name} exhausted after {tries} tries; last: {error}",
+        )
+
+    def _larger_context(
+        self,
+        session: Session,
+        lease: claim.Lease,
+        job: Job,
+        tier: TierConfig,
+        backend: BackendConfig,
+        error: BackendError,
+    ) -> str | None:
+        if backend.larger_context is None:
             claim.end(
                 session,
                 lease,
-                JobStatus.PARKED,
-                emergency.message,
-                tier=self.config.tier_names[0],
-                tier_attempts=0,
-                due_at=db_now(emergency.retry_after),
+                JobStatus.FAILED,
+                f"the conversation does not fit {backend.name}'s context and no backend "
+                f"with a larger one is configured: {error.message}",
             )
+            return None
+        target = self.config.tier_of(backend.larger_context).name
+        claim.escalate(
+            session, lease, tier.name, target, "context too long", backend.larger_context
+        )
+        return target
+
+    def _exhausted(
+        self,
+        session: Session,
+        lease: claim.Lease,
+        job: Job,
+        tier: TierConfig,
+        original: dict[str, Any],
+        reason: str,
+    ) -> str | None:
+        """This tier cannot answer: the next tier, or what the request accepts after it."""
+        next_tier = self.config.next_tier(tier.name)
+        if next_tier is not None:
+            claim.escalate(session, lease, tier.name, next_tier, reason)
+            return next_tier
+        policy = job.on_exhausted or self.config.on_exhausted
+        if policy == "fail":
+            claim.end(session, lease, JobStatus.FAILED, f"every tier failed; {reason}")
+        elif policy == "degrade" and (
+            found := minimal.answer(session, self.config.minimal, original)
+        ):
+            self._minimal_answer(session, lease, job, found)
+        else:
+            self._park(session, lease, reason)
         return None
 
-    def _static_answer(self, session: Session, lease: claim.Lease, job: Job) -> None:
-        message = self.config.minimal.static_message or ""
+    def _park(self, session: Session, lease: claim.Lease, reason: str) -> None:
+        emergency = self.config.emergency
+        claim.end(
+            session,
+            lease,
+            JobStatus.PARKED,
+            f"{emergency.message} ({reason})",
+            tier=self.config.tier_names[0],
+            tier_attempts=0,
+            pinned_backend=None,
+            due_at=db_now(emergency.retry_after),
+        )
+
+    def _minimal_answer(
+        self, session: Session, lease: claim.Lease, job: Job, found: minimal.MinimalAnswer
+    ) -> None:
         answer = ChatAnswer(
-            content=message,
+            content=found.content,
             finish_reason="stop",
             prompt_tokens=0,
-            completion_tokens=len(message.split()),
-            model="tierq-static",
+            completion_tokens=len(found.content.split()),
+            model=f"tierq-{found.quality}",
         )
         result = completion(
-            job, answer, tier="minimal", backend="static", quality="static", notice=None
+            job, answer, tier="minimal", backend=found.source, quality=found.quality, notice=None
         )
         claim.succeed(
-            session, lease, job, result, backend="static", model="tierq-static", quality="static"
+            session,
+            lease,
+            job,
+            result,
+            backend=found.source,
+            model=answer.model,
+            quality=found.quality,
         )
 
     def _publish_successors(self, job_id: uuid.UUID) -> None:

@@ -1,0 +1,200 @@
+"""Circuit breakers shared by every worker process and machine: one row per backend.
+
+CLOSED → OPEN when failures / calls ≥ failure_rate over at least min_calls in the window;
+OPEN → HALF_OPEN after recovery_timeout, letting one trial call through at a time;
+HALF_OPEN → CLOSED after half_open_successes trial successes (then a slow-start ramp);
+HALF_OPEN → OPEN on a trial failure. Every transition is one conditional UPDATE, so two
+workers racing for the same transition produce it once, and it is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import case, insert, select, update
+from sqlalchemy.orm import Session
+
+from tierq.config import BreakerConfig, TierqConfig
+from tierq.db import db_now
+from tierq.models import Backend, CircuitTransition
+
+log = logging.getLogger(__name__)
+
+
+class Circuit(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class Permit:
+    backend: str
+    trial: bool  # a half-open trial: its outcome decides the breaker
+
+
+def ensure_rows(session: Session, config: TierqConfig) -> None:
+    """A row per configured backend (new backends start closed and healthy-unknown)."""
+    known = set(session.scalars(select(Backend.name)))
+    for tier in config.tiers:
+        for backend in tier.backends:
+            if backend.name not in known:
+                session.add(Backend(name=backend.name, tier=tier.name))
+    session.flush()
+
+
+def _transition(session: Session, backend: str, old: Circuit, new: Circuit, reason: str) -> None:
+    session.execute(
+        insert(CircuitTransition).values(
+            backend=backend, from_state=old, to_state=new, reason=reason
+        )
+    )
+    log.warning("breaker %s: %s → %s (%s)", backend, old, new, reason)
+
+
+def acquire(
+    session: Session, row: Backend, breaker: BreakerConfig, trial_seconds: float
+) -> Permit | None:
+    """May a call go to this backend now? None: skip it at once."""
+    if row.disabled:
+        return None
+    if row.circuit == Circuit.CLOSED:
+        return Permit(row.name, trial=False)
+    if row.circuit == Circuit.OPEN:
+        half_opened = session.scalar(
+            update(Backend)
+            .where(
+                Backend.name == row.name,
+                Backend.circuit == Circuit.OPEN,
+                Backend.opened_at <= db_now(-breaker.recovery_timeout),
+            )
+            .values(
+                circuit=Circuit.HALF_OPEN,
+                trial_successes=0,
+                trial_until=db_now(trial_seconds),
+                updated_at=db_now(),
+            )
+            .returning(Backend.name)
+        )
+        if half_opened:
+            _transition(
+                session,
+                row.name,
+                Circuit.OPEN,
+                Circuit.HALF_OPEN,
+                f"recovery timeout of {breaker.recovery_timeout:g}s passed",
+            )
+            return Permit(row.name, trial=True)
+        return None
+    trial = session.scalar(  # half-open: one trial call at a time
+        update(Backend)
+        .where(
+            Backend.name == row.name,
+            Backend.circuit == Circuit.HALF_OPEN,
+            (Backend.trial_until.is_(None)) | (Backend.trial_until < db_now()),
+        )
+        .values(trial_until=db_now(trial_seconds))
+        .returning(Backend.name)
+    )
+    return Permit(row.name, trial=True) if trial else None
+
+
+def record(
+    session: Session,
+    permit: Permit,
+    ok: bool,
+    breaker: BreakerConfig,
+    reason: str = "",
+    latency_ms: float | None = None,
+) -> None:
+    """Count a call's outcome and make whatever transition it causes."""
+    if permit.trial:
+        _record_trial(session, permit.backend, ok, breaker, reason)
+        return
+    fresh = Backend.window_started_at.is_(None) | (
+        Backend.window_started_at < db_now(-breaker.window_seconds)
+    )
+    failed = 0 if ok else 1
+    calls, failures = session.execute(
+        update(Backend)
+        .where(Backend.name == permit.backend)
+        .values(
+            window_started_at=case((fresh, db_now()), else_=Backend.window_started_at),
+            window_calls=case((fresh, 1), else_=Backend.window_calls + 1),
+            window_failures=case((fresh, failed), else_=Backend.window_failures + failed),
+            window_retries=case((fresh, 0), else_=Backend.window_retries),
+            last_latency_ms=latency_ms if ok else Backend.last_latency_ms,
+        )
+        .returning(Backend.window_calls, Backend.window_failures)
+    ).one()
+    if not ok and calls >= breaker.min_calls and failures / calls >= breaker.failure_rate:
+        _open(
+            session,
+            permit.backend,
+            Circuit.CLOSED,
+            f"{failures}/{calls} calls failed in {breaker.window_seconds:g}s; last: {reason}",
+        )
+
+
+def _open(session: Session, backend: str, old: Circuit, reason: str) -> None:
+    opened = session.scalar(
+        update(Backend)
+        .where(Backend.name == backend, Backend.circuit == old)
+        .values(circuit=Circuit.OPEN, opened_at=db_now(), trial_until=None, updated_at=db_now())
+        .returning(Backend.name)
+    )
+    if opened:
+        _transition(session, backend, old, Circuit.OPEN, reason)
+
+
+def _record_trial(
+    session: Session, backend: str, ok: bool, breaker: BreakerConfig, reason: str
+) -> None:
+    if not ok:
+        _open(session, backend, Circuit.HALF_OPEN, f"trial call failed: {reason}")
+        return
+    successes = session.scalar(
+        update(Backend)
+        .where(Backend.name == backend, Backend.circuit == Circuit.HALF_OPEN)
+        .values(trial_successes=Backend.trial_successes + 1, trial_until=None)
+        .returning(Backend.trial_successes)
+    )
+    if successes is not None and successes >= breaker.half_open_successes:
+        closed = session.scalar(
+            update(Backend)
+            .where(Backend.name == backend, Backend.circuit == Circuit.HALF_OPEN)
+            .values(
+                circuit=Circuit.CLOSED,
+                closed_at=db_now(),
+                window_started_at=None,
+                window_calls=0,
+                window_failures=0,
+                window_retries=0,
+                updated_at=db_now(),
+            )
+            .returning(Backend.name)
+        )
+        if closed:
+            _transition(
+                session,
+                backend,
+                Circuit.HALF_OPEN,
+                Circuit.CLOSED,
+                f"{successes} trial calls succeeded",
+            )
+
+
+def count_retry(session: Session, backend: str) -> None:
+    session.execute(
+        update(Backend)
+        .where(Backend.name == backend)
+        .values(window_retries=Backend.window_retries + 1)
+    )
+
+
+def retry_allowed(row: Backend, budget: float) -> bool:
+    """Retries stay under ``budget`` of the backend's calls in the current window."""
+    calls = max(row.window_calls, 1)
+    return (row.window_retries + 1) / calls <= budget or row.window_calls < 5

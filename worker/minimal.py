@@ -1,0 +1,89 @@
+"""The minimal tier: answers without a model, for when every model tier is gone.
+
+In order: the latest good answer to the same normalized request within a maximum age
+(quality ``cached``), the rules responder named in the configuration (``rules``), the
+static message (``static``). None of them may apply; then the job is parked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tierq.config import MinimalConfig
+from tierq.db import db_now
+from tierq.models import Job, JobStatus
+
+log = logging.getLogger(__name__)
+CACHEABLE_QUALITY = ("full", "reduced")
+
+
+@dataclass(frozen=True)
+class MinimalAnswer:
+    content: str
+    quality: str  # cached, rules or static
+    source: str  # what answered: the cached job's id, the rules callable, "static"
+
+
+def cache_key(request: dict[str, Any]) -> str:
+    """The same question asked the same way: model, parameters and whitespace-normalized
+    messages (case kept: "No" and "no" may matter)."""
+    normalized = {
+        "model": request.get("model"),
+        "messages": [(m["role"], " ".join(m["content"].split())) for m in request["messages"]],
+        "params": {k: request.get(k) for k in ("max_tokens", "temperature", "top_p", "stop")},
+    }
+    return hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
+
+
+@lru_cache
+def _rules(path: str) -> Callable[[dict[str, Any]], str | None]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _cached(session: Session, key: str, max_age: float) -> MinimalAnswer | None:
+    row = session.execute(
+        select(Job.id, Job.result)
+        .where(
+            Job.cache_key == key,
+            Job.status == JobStatus.SUCCEEDED,
+            Job.quality.in_(CACHEABLE_QUALITY),
+            Job.finished_at >= db_now(-max_age),
+        )
+        .order_by(Job.finished_at.desc())
+        .limit(1)
+    ).first()
+    if row is None or not row.result:
+        return None
+    content = row.result["choices"][0]["message"]["content"]
+    return MinimalAnswer(content, "cached", str(row.id))
+
+
+def answer(
+    session: Session, config: MinimalConfig, request: dict[str, Any]
+) -> MinimalAnswer | None:
+    if config.cache_max_age > 0 and (
+        hit := _cached(session, cache_key(request), config.cache_max_age)
+    ):
+        return hit
+    if config.rules:
+        try:
+            content = _rules(config.rules)(request)
+        except Exception:  # a broken rule must not lose the job: fall through to static
+            log.exception("rules responder %s failed", config.rules)
+            content = None
+        if content:
+            return MinimalAnswer(content, "rules", config.rules)
+    if config.static_message:
+        return MinimalAnswer(config.static_message, "static", "static")
+    return None
