@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cli.client import client_commands
+from cli.operate import operator_commands
 from tierq.config import ConfigError, load_config
 from tierq.settings import get_settings
 
@@ -218,5 +219,5 @@ def up(port: int, concurrency: int) -> None:
     run_all(port, concurrency)
 
 
-for command in client_commands:
+for command in [*client_commands, *operator_commands]:
     main.add_command(command)

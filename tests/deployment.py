@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 from sqlalchemy.orm import Session
 
 from tests import ledger
 from tests.services import PostgresCluster, RedisServer, SharedDatabase, wait_until
 from tests.simulator_fixture import running_simulator
-from tests.stack import Stack, tier_file
+from tests.stack import Stack
 from tierq.db import make_engine
 from tierq.keys import create_key
 from tierq.migrate import upgrade
@@ -35,6 +37,7 @@ class Deployment:
     redis: RedisServer | None = None
     postgres: PostgresCluster | None = None
     key: str = ""
+    config_file: Path | None = None
     jobs: list[str] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
@@ -79,8 +82,44 @@ def _make_key(url: str) -> str:
         engine.dispose()
 
 
+def two_tiers(urls: dict[str, str]) -> dict[str, Any]:
+    """The default test topology: gpu (OpenAI protocol) → cpu (Ollama protocol)."""
+    return {
+        "tiers": [
+            tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"])),
+            tier("cpu", backend("cpu-sim", "ollama", urls["cpu-sim"])),
+        ]
+    }
+
+
+def backend(name: str, protocol: str, url: str, **options: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "protocol": protocol,
+        "url": url,
+        "model": f"{name}-model",
+        "connect_timeout": 0.5,
+        "read_timeout": 5,
+        **options,
+    }
+
+
+def tier(name: str, *backends: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backends": list(backends),
+        "retry": {"attempts": 2, "base_delay": 0.05, "max_delay": 0.2},
+        **options,
+    }
+
+
 @contextmanager
-def deployment(folder: Path, mode: str = "postgres-redis") -> Iterator[Deployment]:
+def deployment(
+    folder: Path,
+    mode: str = "postgres-redis",
+    config: Callable[[dict[str, str]], dict[str, Any]] = two_tiers,
+    simulators: tuple[str, ...] = ("gpu-sim", "cpu-sim"),
+) -> Iterator[Deployment]:
     """``mode``: postgres-redis, or sqlite-filesystem (the zero-install default), or
     throwaway-postgres (a Postgres of its own that the test may stop)."""
     with ExitStack() as stack:
@@ -103,19 +142,12 @@ def deployment(folder: Path, mode: str = "postgres-redis") -> Iterator[Deploymen
                 url = database.url
         env["TIERQ_DATABASE_URL"] = url
         upgrade(url)
-        gpu = stack.enter_context(running_simulator("gpu-sim"))
-        cpu = stack.enter_context(running_simulator("cpu-sim"))
-        env["TIERQ_CONFIG"] = str(
-            tier_file(
-                folder,
-                {
-                    "gpu": [("gpu-sim", "openai", gpu)],
-                    "cpu": [("cpu-sim", "ollama", cpu)],
-                },
-            )
-        )
+        urls = {name: stack.enter_context(running_simulator(name)) for name in simulators}
+        config_file = folder / "tiers.yaml"
+        config_file.write_text(yaml.safe_dump(config(urls)))
+        env["TIERQ_CONFIG"] = str(config_file)
         processes = Stack(env, folder)
         stack.callback(processes.stop)
         yield Deployment(
-            processes, url, {"gpu-sim": gpu, "cpu-sim": cpu}, redis, postgres, key=_make_key(url)
+            processes, url, urls, redis, postgres, key=_make_key(url), config_file=config_file
         )

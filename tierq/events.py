@@ -29,5 +29,6 @@ def record_event(session: Session, job_id: uuid.UUID | str, kind: str, **detail:
     """Append to the job's event log, in the caller's transaction (so never a phantom)."""
     from tierq.models import JobEvent
 
-    session.execute(insert(JobEvent).values(
-        job_id=uuid.UUID(str(job_id)), kind=kind, detail=detail))
+    session.execute(
+        insert(JobEvent).values(job_id=uuid.UUID(str(job_id)), kind=kind, detail=detail)
+    )
