@@ -247,8 +247,12 @@ class JobRunner:
         tries = job.tier_attempts + 1
         delay = backoff(tier, tries, error.retry_after)
         row = session.get_one(Backend, backend)
+        # A backend that hangs or is gone would cost the client another full timeout; with
+        # no other backend in the tier to try, the next tier is the faster answer.
+        unreachable = error.error_class in (ErrorClass.TIMEOUT, ErrorClass.CONNECT)
         if (
-            tries < tier.retry.attempts
+            not (unreachable and len(tier.backends) == 1)
+            and tries < tier.retry.attempts
             and circuit.retry_allowed(row, tier.retry.budget)
             and not claim.deadline_within(session, job.id, delay)
         ):
