@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from sqlalchemy import make_url
 
 from api import problems
-from api.routes import admin, conversations, health, jobs
+from api.routes import admin, conversations, events, health, jobs
 from api.waiters import JobWaiters
 from tierq.config import TierqConfig, load_config
 from tierq.settings import get_settings
@@ -37,6 +37,6 @@ def create_app(config: TierqConfig | None = None) -> FastAPI:
     app.state.tier_config = tier_config
     app.state.waiters = waiters
     problems.install(app)
-    for module in (jobs, conversations, health, admin):
+    for module in (jobs, events, conversations, health, admin):
         app.include_router(module.router)
     return app

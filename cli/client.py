@@ -70,20 +70,24 @@ def status(job_id: str) -> None:
 @click.command()
 @click.argument("job_id")
 def watch(job_id: str) -> None:
-    """Follow a job until it ends, printing each change of status."""
-    seen = None
+    """Follow a job live (its event stream) until it ends; print the answer."""
     with _client() as client:
-        while True:
-            job = _checked(client.get(f"/v1/jobs/{job_id}", params={"wait": 30}))
-            state = (job["status"], job["served_by"]["tier"], job["served_by"]["attempts"])
-            if state != seen:
-                click.echo(
-                    f"{job['updated_at']} {job['status']} tier={state[1]} attempts={state[2]}"
-                )
-                seen = state
-            if job["status"] in TERMINAL:
-                _print_outcome(job)
-                return
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+            if response.status_code >= 400:
+                response.read()
+                _checked(response)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    _print_event(event)
+        _print_outcome(_checked(client.get(f"/v1/jobs/{job_id}")))
+
+
+def _print_event(event: dict) -> None:  # type: ignore[type-arg]
+    details = " ".join(
+        f"{k}={v}" for k, v in event.items() if k not in ("job_id", "at", "kind") and v is not None
+    )
+    click.echo(f"{event['at']} {event.get('kind', '')} {details}".rstrip())
 
 
 client_commands = [submit, status, watch]

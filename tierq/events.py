@@ -32,3 +32,9 @@ def record_event(session: Session, job_id: uuid.UUID | str, kind: str, **detail:
     session.execute(
         insert(JobEvent).values(job_id=uuid.UUID(str(job_id)), kind=kind, detail=detail)
     )
+    # Live watchers (SSE, long-polls) wake on every event, not only on the end.
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_notify(:channel, :id)"),
+            {"channel": JOB_ENDED_CHANNEL, "id": str(job_id)},
+        )

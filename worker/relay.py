@@ -79,6 +79,7 @@ class Relay:
                 .returning(Job.id)
             ).all()
             for job_id in dead:
+                record_event(session, job_id, "dead", reason="poison job")
                 notify_job_changed(session, job_id)
                 log.error("job %s is dead: its worker died on every delivery", job_id)
             requeued = session.scalars(
@@ -94,6 +95,8 @@ class Relay:
                 )
                 .returning(Job.id)
             ).all()
+            for job_id in requeued:
+                record_event(session, job_id, "requeued", reason="lease expired")
         return len(dead) + len(requeued)
 
     def _wake_due(self) -> int:
@@ -189,6 +192,7 @@ class Relay:
                 .returning(Job.id)
             ).all()
             for job_id in failed:
+                record_event(session, job_id, "failed", reason="deadline passed")
                 notify_job_changed(session, job_id)
         return len(failed)
 

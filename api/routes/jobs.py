@@ -19,7 +19,7 @@ from api.problems import Problem
 from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
 from tierq.db import db_now, session_scope
-from tierq.events import notify_job_changed
+from tierq.events import notify_job_changed, record_event
 from tierq.models import ACTIVE_STATUSES, Job, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -152,6 +152,7 @@ def cancel_job(job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_call
             .returning(Job.id)
         )
         if cancelled:
+            record_event(session, job_id, "cancelled", reason="cancelled by the client")
             notify_job_changed(session, job_id)
     job = load_job(caller, job_id)
     if not cancelled:

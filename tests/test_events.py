@@ -1,0 +1,101 @@
+"""Live job events over SSE: a client that disconnects and reconnects with Last-Event-ID
+sees every event exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.deployment import Deployment, deployment
+from tierq.db import make_engine
+from tierq.models import JobEvent
+
+pytestmark = pytest.mark.slow
+
+
+def read_events(d: Deployment, job_id: str, last_id: str | None, limit: int | None):  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {d.key}"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    seen: list[tuple[str, str]] = []
+    current: dict[str, str] = {}
+    url = f"{d.stack.api_url}/v1/jobs/{job_id}/events"
+    with httpx.stream("GET", url, headers=headers, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(("id:", "event:")):
+                key, _, value = line.partition(": ")
+                current[key] = value
+            elif line == "" and current:
+                seen.append((current["id"], current["event"]))
+                current = {}
+                if limit is not None and len(seen) >= limit:
+                    break  # disconnect mid-stream
+    return seen
+
+
+def test_reconnect_with_last_event_id_sees_every_event_once(tmp_path: Path) -> None:
+    with deployment(tmp_path) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        d.stack.worker("cpu")
+        d.fault("gpu-sim", mode="error_500", count=1)  # one retry: more events to see
+        with d.client() as client:
+            job_id = d.submit(client).json()["id"]
+        first = read_events(d, job_id, None, limit=2)
+        rest = read_events(d, job_id, first[-1][0], limit=None)
+        seen = first + rest
+        engine = make_engine(d.database_url)
+        with engine.connect() as conn:
+            stored = [
+                (str(r.id), r.kind)
+                for r in conn.execute(
+                    select(JobEvent.id, JobEvent.kind)
+                    .where(JobEvent.job_id == uuid.UUID(job_id))
+                    .order_by(JobEvent.id)
+                )
+            ]
+        engine.dispose()
+        assert seen == [("0", "queued"), *stored]  # all of them, in order, none twice
+        kinds = [kind for _, kind in stored]
+        assert kinds[0] == "claimed" and "retrying" in kinds and kinds[-1] == "answered"
+        with d.client() as client:
+            bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+            assert bad.status_code == 422
+            missing = client.get(f"/v1/jobs/{uuid.uuid4()}/events")
+            assert missing.status_code == 404
+
+
+def test_tierq_watch_follows_a_job(tmp_path: Path) -> None:
+    with deployment(tmp_path) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        env = {**d.stack.env, "TIERQ_URL": d.stack.api_url, "TIERQ_KEY": d.key}
+        submitted = subprocess.run(
+            [sys.executable, "-m", "cli", "submit", "hi", "--no-wait"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        watched = subprocess.run(
+            [sys.executable, "-m", "cli", "watch", job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert watched.returncode == 0, watched.stderr
+        assert "claimed" in watched.stdout and "answered" in watched.stdout
+        assert "You said: hi" in watched.stdout
