@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         3600, gt=0, description="Redis transport: seconds before an unacked message returns."
     )
     long_poll_max: float = Field(60.0, gt=0)
+    stream_url: str = Field(
+        "", description="Redis for live token streams; empty: the broker's Redis, if it is one."
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     admin_key: str = Field("", description="Key with operator rights; empty disables admin.")

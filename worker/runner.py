@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tierq import broker
+from tierq import broker, streams
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.crash import crash_point
 from tierq.db import db_now, session_scope
@@ -138,12 +138,31 @@ class JobRunner:
         started = time.monotonic()
         crash_point("worker.before_call", subject=turns[-1].content if turns else "")
         try:
-            answer = self.client(route.backend).chat(request)
+            answer = self._call(route.backend, request, job.id)
         except BackendError as error:
             return self._on_error(lease, job, tier, route, error, original, started)
         crash_point("worker.after_call")
         self._on_answer(lease, job, tier, route, answer, original, started)
         return None
+
+    def _call(
+        self, backend: BackendConfig, request: dict[str, Any], job_id: uuid.UUID
+    ) -> ChatAnswer:
+        """Call the backend; a streaming job's tokens go out as they arrive."""
+        if not request.pop("stream", False) or not streams.available():
+            return self.client(backend).chat(request)
+        tokens = self.client(backend).stream(request)
+        sent = False
+        try:
+            while True:
+                streams.append(job_id, "delta", next(tokens))
+                sent = True
+        except StopIteration as done:
+            return done.value
+        except BackendError:
+            if sent:
+                streams.append(job_id, "reset")
+            raise
 
     def _on_answer(
         self,
@@ -188,6 +207,8 @@ class JobRunner:
                 session.rollback()
                 return
             crash_point("worker.before_commit")
+        if job.request.get("stream"):
+            streams.append(job.id, "end")
         self._publish_successors(job.id)
 
     def _on_error(
