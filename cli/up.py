@@ -7,27 +7,48 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import FrameType
 
 import click
 import httpx
 
-from tierq.config import load_config
+from tierq.config import TierqConfig, load_config
 from tierq.db import session_scope
 from tierq.keys import create_key
 from tierq.migrate import upgrade
-from tierq.settings import get_settings
+from tierq.settings import Settings, get_settings
 
-STOP_GRACE = 15.0
+STOP_GRACE = 20.0
+Child = tuple[str, subprocess.Popen[bytes]]
 
 
-def _spawn(name: str, args: list[str]) -> tuple[str, subprocess.Popen[bytes]]:
-    # Each child leads its own process group so Ctrl-C reaches us once, and we stop them.
-    process = subprocess.Popen([sys.executable, "-m", "cli", *args], start_new_session=True)
+def _spawn(name: str, args: list[str], logs: Path) -> Child:
+    # Each child leads its own process group: Ctrl-C reaches only us, and we stop them.
+    with open(logs / f"{name}.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return name, process
 
 
-def _wait_ready(url: str, children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    deadline = time.monotonic() + 30
+def _children(config: TierqConfig, port: int, concurrency: int, logs: Path) -> list[Child]:
+    children = [
+        _spawn("simulator", ["simulate"], logs),
+        _spawn("beat", ["beat"], logs),
+        _spawn("api", ["api", "--port", str(port)], logs),
+    ]
+    for tier in config.tier_names:
+        args = ["worker", "--tier", tier, "--concurrency", str(concurrency)]
+        children.append(_spawn(f"worker-{tier}", args, logs))
+    return children
+
+
+def _wait_ready(url: str, children: list[Child]) -> None:
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for name, process in children:
             if process.poll() is not None:
@@ -38,10 +59,10 @@ def _wait_ready(url: str, children: list[tuple[str, subprocess.Popen[bytes]]]) -
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise click.ClickException("the API did not become ready within 30 s")
+    raise click.ClickException("the API did not become ready within 60 s")
 
 
-def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+def _stop(children: list[Child]) -> None:
     for _, process in children:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -51,45 +72,49 @@ def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
             process.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops us as cleanly as Ctrl-C
+
+
+def _banner(settings: Settings, config: TierqConfig, url: str, key: str, logs: Path) -> str:
+    backends = ", ".join(f"{b.name} {b.url}" for b in config.backends.values())
+    return f"""
+tierq is up (database {settings.effective_database_url}, broker {settings.effective_broker_url})
+  API        {url}   (OpenAPI docs at {url}/docs)
+  workers    {", ".join(config.tier_names)}   tier config version {config.version}
+  backends   simulated: {backends}
+  API key    {key}   (admin; shown once)
+  logs       {logs}/
+
+Try:  export TIERQ_KEY={key}
+      .venv/bin/tierq submit "Hello, who answers?"
+Ctrl-C stops everything."""
 
 
 def run_all(port: int, concurrency: int) -> None:
     settings = get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    logs = (settings.home / "logs").resolve()
+    logs.mkdir(parents=True, exist_ok=True)
     config = load_config(settings.config)
     upgrade(settings.effective_database_url)
     with session_scope() as session:
         key = create_key(session, "tierq-up", is_admin=True).key
-    children = [
-        _spawn("simulator", ["simulate"]),
-        _spawn("beat", ["beat"]),
-        _spawn("api", ["api", "--port", str(port)]),
-    ]
-    children += [
-        _spawn(
-            f"worker {tier}",
-            ["worker", "--tier", tier, "--concurrency", str(concurrency), "--loglevel", "WARNING"],
-        )
-        for tier in config.tier_names
-    ]
+    signal.signal(signal.SIGTERM, _interrupt)
     url = f"http://127.0.0.1:{port}"
+    children: list[Child] = []
     try:
+        children = _children(config, port, concurrency, logs)
         _wait_ready(url, children)
-        click.echo(f"""
-tierq is up (database {settings.effective_database_url}, broker {settings.effective_broker_url})
-  API        {url}   (OpenAPI docs at {url}/docs)
-  workers    {", ".join(config.tier_names)}   tier config version {config.version}
-  backends   simulated: {", ".join(b.name + " " + b.url for b in config.backends.values())}
-  API key    {key}   (admin; shown once)
-
-Try:  export TIERQ_KEY={key}
-      tierq submit "Hello, who answers?"
-Ctrl-C stops everything.""")
+        click.echo(_banner(settings, config, url, key, logs))
         while all(process.poll() is None for _, process in children):
             time.sleep(0.5)
         crashed = [name for name, process in children if process.poll() is not None]
-        click.echo(f"stopping: {', '.join(crashed)} exited", err=True)
+        click.echo(f"stopping: {', '.join(crashed)} exited (see {logs}/)", err=True)
     except KeyboardInterrupt:
         click.echo("\nstopping…", err=True)
     finally:
         _stop(children)
+        click.echo("stopped", err=True)
