@@ -9,7 +9,16 @@ from fastapi import FastAPI
 from sqlalchemy import make_url
 
 from api import problems
-from api.routes import admin, conversations, events, health, jobs
+from api.routes import (
+    admin,
+    conversations,
+    deliveries,
+    events,
+    health,
+    jobs,
+    metrics,
+    openai_compat,
+)
 from api.waiters import JobWaiters
 from tierq.config import TierqConfig, load_config
 from tierq.settings import get_settings
@@ -37,6 +46,6 @@ def create_app(config: TierqConfig | None = None) -> FastAPI:
     app.state.tier_config = tier_config
     app.state.waiters = waiters
     problems.install(app)
-    for module in (jobs, events, conversations, health, admin):
+    for module in (jobs, deliveries, events, conversations, health, admin, metrics, openai_compat):
         app.include_router(module.router)
     return app

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tierq.models import Job, Turn
+from tierq.webhooks import WebhookURL
 
 Role = Literal["system", "user", "assistant"]
 
@@ -55,6 +56,11 @@ class JobCreate(ChatParams, TierqOptions):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     conversation_id: uuid.UUID | None = None
     stream: Literal[False] | None = Field(None, description="Use /v1/chat/completions to stream.")
+    webhook_url: WebhookURL | None = Field(
+        None,
+        description="Receives the job, signed (Standard Webhooks), when it ends or is parked; "
+        "default: the API key's. Must be a public http(s) address.",
+    )
 
     @field_validator("messages")
     @classmethod
@@ -110,6 +116,7 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None
     error: str | None
     retry_after: datetime | None = Field(None, description="When a parked job is next tried.")
+    webhook_url: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -133,6 +140,7 @@ class JobOut(BaseModel):
             result=job.result,
             error=job.error,
             retry_after=utc(job.due_at) if job.status == "parked" else None,
+            webhook_url=job.webhook_url,
         )
 
 

@@ -128,6 +128,7 @@ def _insert(
         "idempotency_key": key,
         "request_hash": digest,
         "on_exhausted": body.on_exhausted,
+        "webhook_url": body.webhook_url,
         # A blocked job is published when the job before it ends; NULL tells the relay.
         "published_at": None if blocked else db_now(),
     }

@@ -56,7 +56,7 @@ def worker(tier: str, concurrency: int, loglevel: str) -> None:
     """Run a Celery worker for one tier (e.g. --tier gpu on a GPU box)."""
     settings = get_settings()
     config = _config_or_exit(settings.config)
-    if tier not in config.tier_names:
+    if tier not in (*config.tier_names, "webhooks"):  # "webhooks": the delivery queue
         raise click.BadParameter(f"no tier '{tier}' in {config.tier_names}", param_hint="--tier")
     from worker.celery_app import app
 
@@ -177,14 +177,25 @@ def keys() -> None:
 @keys.command("create")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="Operator rights (disable backends, replay).")
-def keys_create(name: str, admin: bool) -> None:
-    """Create an API key; it is printed once and stored only as a hash."""
+@click.option(
+    "--webhook-url",
+    default=None,
+    metavar="URL",
+    help="Default receiver of this key's job webhooks (a job's own webhook_url wins).",
+)
+def keys_create(name: str, admin: bool, webhook_url: str | None) -> None:
+    """Create an API key; it is printed once and stored only as a hash. The second line
+    is the key's webhook signing secret (Standard Webhooks), also printed only this once."""
     from tierq.db import session_scope
     from tierq.keys import create_key
 
-    with session_scope() as session:
-        created = create_key(session, name, is_admin=admin)
+    try:
+        with session_scope() as session:
+            created = create_key(session, name, is_admin=admin, webhook_url=webhook_url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--webhook-url") from exc
     click.echo(created.key)
+    click.echo(f"webhook secret: {created.webhook_secret}")
 
 
 @main.group()

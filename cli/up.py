@@ -44,6 +44,10 @@ def _children(config: TierqConfig, port: int, concurrency: int, logs: Path) -> l
     for tier in config.tier_names:
         args = ["worker", "--tier", tier, "--concurrency", str(concurrency)]
         children.append(_spawn(f"worker-{tier}", args, logs))
+    # Webhook deliveries have a queue and worker of their own: a slow receiver never
+    # holds up a job.
+    args = ["worker", "--tier", "webhooks", "--concurrency", str(concurrency)]
+    children.append(_spawn("worker-webhooks", args, logs))
     return children
 
 

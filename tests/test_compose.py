@@ -158,7 +158,8 @@ def test_every_tierq_command_is_a_real_subcommand(tierq_services):
 def test_one_worker_service_per_configured_tier(tierq_services):
     tiers = load_config().tier_names
     workers = _workers(tierq_services)
-    assert sorted(workers.values()) == sorted(tiers), workers
+    # plus the webhook delivery worker, on its own queue
+    assert sorted(workers.values()) == sorted([*tiers, "webhooks"]), workers
     for name, tier in workers.items():
         assert name == f"worker-{tier}"
 

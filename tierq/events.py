@@ -11,10 +11,15 @@ from typing import Any
 from sqlalchemy import insert, text
 from sqlalchemy.orm import Session
 
+from tierq.webhooks import record_delivery
+
 JOB_ENDED_CHANNEL = "tierq_job_ended"
 
 
 def notify_job_changed(session: Session, job_id: uuid.UUID | str) -> None:
+    # Called on every end and parking, inside the transaction that made it: the webhook
+    # outbox row is written here, so it commits (or rolls back) with the change it announces.
+    record_delivery(session, job_id)
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             text("SELECT pg_notify(:channel, :id)"),

@@ -1,4 +1,8 @@
-"""API keys: shown once at creation, stored only as a SHA-256 hash."""
+"""API keys: shown once at creation, stored only as a SHA-256 hash.
+
+Each key also gets a webhook signing secret, shown once with it. That one is stored as it
+is (it must be at hand to sign every delivery); it is never logged nor shown again.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tierq.models import ApiKey
+from tierq.webhooks import check_url, new_secret
 
 KEY_PREFIX = "tq_"
 
@@ -24,14 +29,32 @@ class CreatedKey:
     id: str
     name: str
     key: str  # the only time the plain key exists
+    webhook_secret: str = ""  # signs this key's webhooks; shown only now
+    default_webhook_url: str | None = None
 
 
-def create_key(session: Session, name: str, *, is_admin: bool = False) -> CreatedKey:
+def create_key(
+    session: Session, name: str, *, is_admin: bool = False, webhook_url: str | None = None
+) -> CreatedKey:
+    """``webhook_url``: where this key's jobs are announced when they name no URL of their
+    own; checked like a job's (raises tierq.webhooks.UnsafeWebhookURL, a ValueError)."""
+    if webhook_url is not None:
+        check_url(webhook_url)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, prefix=key[:10], key_hash=hash_key(key), is_admin=is_admin)
+    secret = new_secret()
+    row = ApiKey(
+        name=name,
+        prefix=key[:10],
+        key_hash=hash_key(key),
+        is_admin=is_admin,
+        webhook_secret=secret,
+        default_webhook_url=webhook_url,
+    )
     session.add(row)
     session.flush()
-    return CreatedKey(id=str(row.id), name=name, key=key)
+    return CreatedKey(
+        id=str(row.id), name=name, key=key, webhook_secret=secret, default_webhook_url=webhook_url
+    )
 
 
 def find_key(session: Session, key: str) -> ApiKey | None:

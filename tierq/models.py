@@ -71,6 +71,12 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     revoked_at: Mapped[datetime | None]
+    # Signs this key's webhooks (Standard Webhooks "whsec_..."). Unlike the key it cannot be
+    # stored only as a hash: the delivery worker needs the plain secret to sign. It is shown
+    # once, at creation, and never logged. NULL for keys created before webhooks existed.
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
+    # Where this key's jobs are announced when a job names no webhook_url of its own.
+    default_webhook_url: Mapped[str | None] = mapped_column(String(2048))
 
 
 class Conversation(Base):
@@ -146,6 +152,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     finished_at: Mapped[datetime | None]
+    # Receives the job, signed, when it ends or is parked (NULL: the key's default, if any).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
 
 
 class Attempt(Base):
@@ -216,3 +224,36 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class WebhookDelivery(Base):
+    """One webhook event for one job: the outbox row, written in the transaction that ended
+    (or parked) the job, and the log of its delivery attempts.
+
+    The id is the Standard Webhooks ``webhook-id``: stable per event, so a repeated
+    transition cannot make a second row and receivers can drop repeated deliveries.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), index=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"))
+    event_type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    # The exact body sent on every attempt (the signature covers these bytes).
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime]  # retries stop after this (database clock)
+    published_at: Mapped[datetime | None]
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_expires_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

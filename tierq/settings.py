@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         3600, gt=0, description="Redis transport: seconds before an unacked message returns."
     )
     long_poll_max: float = Field(60.0, gt=0)
+    chat_wait_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="/v1/chat/completions waits this long for the answer before a retryable "
+        "error naming the job.",
+    )
     stream_url: str = Field(
         "", description="Redis for live token streams; empty: the broker's Redis, if it is one."
     )

@@ -17,6 +17,7 @@ from tierq.config import load_config
 from tierq.db import get_engine
 from tierq.settings import get_settings
 from worker.runner import JobRunner
+from worker.webhook_delivery import deliver_webhook  # noqa: F401 - registers the task
 
 log = logging.getLogger(__name__)
 app = get_celery()

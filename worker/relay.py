@@ -31,6 +31,7 @@ from tierq.settings import Settings
 from worker import circuit
 from worker.broker_epoch import BrokerEpoch
 from worker.health import Prober
+from worker.webhook_delivery import publish_due_deliveries
 
 log = logging.getLogger(__name__)
 RELAY_LOCK_ID = 0x7469657271  # "tierq"
@@ -57,6 +58,7 @@ class Relay:
             counts["broker_reset"] = self._forget_publications()
             log.warning("broker came back empty; re-publishing every queued job")
         counts["published"] = self._publish_pending()
+        counts["webhooks"] = publish_due_deliveries()
         self.epoch.mark()
         return counts
 

@@ -1,14 +1,20 @@
-"""Kubernetes probes: live (the process answers), ready (database and broker reachable)."""
+"""Kubernetes probes: live (the process answers), ready (database and broker reachable);
+and the state of every configured backend."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import select, text
 
+from api.auth import Caller, current_caller
 from tierq.broker import get_celery
-from tierq.db import get_engine
+from tierq.config import BackendConfig
+from tierq.db import get_engine, session_scope
+from tierq.models import Backend
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -49,3 +55,39 @@ async def ready(request: Request) -> JSONResponse:
         "config_version": request.app.state.tier_config.version,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _backend_view(tier: str, backend: BackendConfig, row: Backend | None) -> dict[str, Any]:
+    # Field by field on purpose: BackendConfig carries the api_key property, never shown.
+    return {
+        "name": backend.name,
+        "tier": tier,
+        "protocol": backend.protocol,
+        "url": backend.url,
+        # A backend no worker has touched yet has no row; these are the row's defaults.
+        "health": row.health if row else "unknown",
+        "circuit": row.circuit if row else "closed",
+        "disabled": row.disabled if row else False,
+        "last_probe_at": row.last_probe_at if row else None,
+        "last_latency_ms": row.last_latency_ms if row else None,
+        "last_error": row.last_error if row else None,
+    }
+
+
+@router.get("/backends")
+def backends(request: Request, _: Annotated[Caller, Depends(current_caller)]) -> dict[str, Any]:
+    """Every configured backend, in tier order, with its shared state from the database."""
+    config = request.app.state.tier_config
+    with session_scope() as session:
+        rows = {
+            row.name: row
+            for row in session.scalars(
+                select(Backend).where(Backend.name.in_(list(config.backends)))
+            )
+        }
+    data = [
+        _backend_view(tier.name, backend, rows.get(backend.name))
+        for tier in config.tiers
+        for backend in tier.backends
+    ]
+    return {"object": "list", "data": data}

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Annotated
 
@@ -20,7 +21,7 @@ from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
 from tierq.db import db_now, session_scope
 from tierq.events import notify_job_changed, record_event
-from tierq.models import ACTIVE_STATUSES, Job, JobStatus
+from tierq.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
@@ -60,8 +61,15 @@ def load_job(caller: Caller, job_id: uuid.UUID) -> Job:
     return job
 
 
-async def wait_for_end(request: Request, caller: Caller, job_id: uuid.UUID, wait: float) -> Job:
-    """The job, once it has ended or ``wait`` seconds have passed, whichever comes first."""
+async def wait_for_end(
+    request: Request,
+    caller: Caller,
+    job_id: uuid.UUID,
+    wait: float,
+    stop_at: Collection[str] = TERMINAL_STATUSES,
+) -> Job:
+    """The job, once it has ended (or reached another status in ``stop_at``) or ``wait``
+    seconds have passed, whichever comes first."""
     waiters = request.app.state.waiters
     loop = asyncio.get_running_loop()
     until = loop.time() + wait
@@ -69,7 +77,7 @@ async def wait_for_end(request: Request, caller: Caller, job_id: uuid.UUID, wait
         while True:
             job = await run_in_threadpool(load_job, caller, job_id)
             remaining = until - loop.time()
-            if JobStatus(job.status).terminal or remaining <= 0:
+            if job.status in stop_at or remaining <= 0:
                 return job
             event.clear()
             with contextlib.suppress(TimeoutError):

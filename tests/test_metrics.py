@@ -1,0 +1,409 @@
+"""/metrics and /health/backends against real Postgres and Redis.
+
+Other tests share the database, so every assertion on a count compares two scrapes: the
+numbers must move by exactly what this test wrote.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.services import RedisServer, free_port
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+Scrape = dict[Sample, float]
+STATES = ("closed", "open", "half_open")
+
+
+@pytest.fixture
+def client(env: dict[str, str]) -> Iterator[TestClient]:
+    from api.app import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+def parse(text: str) -> Scrape:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(client: TestClient) -> Scrape:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    return parse(response.text)
+
+
+def value(metrics: Scrape, name: str, **labels: str) -> float:
+    """A sample's value; 0 when the series does not exist (yet)."""
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- writing rows the way workers would -----------------------------------------------
+
+
+def _owner_and_conversation(session: Any) -> tuple[uuid.UUID, uuid.UUID]:
+    from tierq.keys import create_key
+    from tierq.models import Conversation
+
+    owner = uuid.UUID(create_key(session, "metrics").id)
+    conversation = Conversation(owner_id=owner)
+    session.add(conversation)
+    session.flush()
+    return owner, conversation.id
+
+
+def add_jobs(*specs: dict[str, Any]) -> list[uuid.UUID]:
+    """Insert jobs (status, tier, quality, age_seconds...) and return their ids."""
+    from tierq.db import db_now, session_scope
+    from tierq.models import Job
+
+    with session_scope() as session:
+        owner, conversation = _owner_and_conversation(session)
+        ids = []
+        for spec in specs:
+            fields = dict(spec)
+            age = fields.pop("age_seconds", 0)
+            job = Job(
+                owner_id=owner,
+                conversation_id=conversation,
+                answer_seq=1,
+                request={"messages": []},
+                request_hash="x" * 64,
+                created_at=db_now(-age),
+                **fields,
+            )
+            session.add(job)
+            session.flush()
+            ids.append(job.id)
+        return ids
+
+
+def add_rows(*rows: Any) -> None:
+    from tierq.db import session_scope
+
+    with session_scope() as session:
+        for row in rows:
+            session.add(row)
+            session.flush()  # in order: transitions need their backend row first
+
+
+def update_job(job_id: uuid.UUID, **values: Any) -> None:
+    from sqlalchemy import update
+
+    from tierq.db import session_scope
+    from tierq.models import Job
+
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+# --- /metrics --------------------------------------------------------------------------
+
+
+def test_metrics_is_prometheus_text_without_a_key(client: TestClient) -> None:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    families = {f.name for f in text_string_to_metric_families(response.text)}
+    assert {
+        "tierq_jobs",
+        "tierq_jobs_finished",
+        "tierq_parked_jobs",
+        "tierq_oldest_parked_job_age_seconds",
+        "tierq_attempts",
+        "tierq_backend_latency_seconds",
+        "tierq_failovers",
+        "tierq_breaker_transitions",
+        "tierq_breaker_state",
+        "tierq_backend_up",
+        "tierq_queue_depth",
+        "tierq_broker_up",
+        "tierq_database_up",
+        "tierq_scrape_errors",
+    } <= families
+
+
+def test_job_counts_move_as_jobs_change_state(client: TestClient) -> None:
+    before = scrape(client)
+    queued, _, _ = add_jobs(
+        {"status": "queued", "tier": "gpu"},
+        {"status": "running", "tier": "cpu"},
+        {"status": "failed", "tier": "gpu", "error": "bad request"},
+    )
+    add_jobs(
+        {"status": "succeeded", "tier": "gpu", "quality": "full"},
+        {"status": "succeeded", "tier": "gpu", "quality": "full"},
+        {"status": "succeeded", "tier": "cpu", "quality": "reduced"},
+        {"status": "succeeded", "tier": "hosted", "quality": "reduced"},
+        {"status": "succeeded", "tier": "hosted", "quality": "static"},
+    )
+    middle = scrape(client)
+    assert delta(before, middle, "tierq_jobs", status="queued", tier="gpu") == 1
+    assert delta(before, middle, "tierq_jobs", status="running", tier="cpu") == 1
+    assert delta(before, middle, "tierq_jobs", status="succeeded", tier="gpu") == 2
+    finished = "tierq_jobs_finished_total"
+    assert delta(before, middle, finished, status="succeeded", tier="gpu", quality="full") == 2
+    assert delta(before, middle, finished, status="succeeded", tier="cpu", quality="reduced") == 1
+    assert (
+        delta(before, middle, finished, status="succeeded", tier="hosted", quality="reduced") == 1
+    )
+    assert delta(before, middle, finished, status="succeeded", tier="hosted", quality="static") == 1
+    assert delta(before, middle, finished, status="failed", tier="gpu", quality="none") == 1
+
+    update_job(queued, status="succeeded", quality="full")
+    after = scrape(client)
+    assert delta(middle, after, "tierq_jobs", status="queued", tier="gpu") == -1
+    assert delta(middle, after, finished, status="succeeded", tier="gpu", quality="full") == 1
+    assert_sla_matches_finished_counts(after)
+
+
+def assert_sla_matches_finished_counts(metrics: Scrape) -> None:
+    """The SLA gauge agrees with the finished counters of the same scrape (one snapshot)."""
+    succeeded = good = 0.0
+    for (name, labels), count in metrics.items():
+        label = dict(labels)
+        if name != "tierq_jobs_finished_total" or label["status"] != "succeeded":
+            continue
+        succeeded += count
+        if label["tier"] in ("gpu", "cpu") and label["quality"] in ("full", "reduced"):
+            good += count
+    assert succeeded > 0
+    assert value(metrics, "tierq_quality_sla_ratio") == pytest.approx(good / succeeded)
+
+
+def test_parked_count_and_age_of_the_oldest(client: TestClient) -> None:
+    before = scrape(client)
+    (parked,) = add_jobs({"status": "parked", "tier": "hosted", "age_seconds": 120})
+    after = scrape(client)
+    assert delta(before, after, "tierq_parked_jobs") == 1
+    assert delta(before, after, "tierq_jobs", status="parked", tier="hosted") == 1
+    # Measured by the database clock; an older parked job of another test only adds to it.
+    assert value(after, "tierq_oldest_parked_job_age_seconds") >= 120
+
+    update_job(parked, status="queued")
+    assert delta(after, scrape(client), "tierq_parked_jobs") == -1
+
+
+def test_no_parked_job_means_age_zero() -> None:
+    from datetime import UTC, datetime
+
+    from tierq.metrics import _age_seconds
+
+    assert _age_seconds(None, datetime.now(UTC)) == 0.0
+
+
+def test_attempts_and_latency_histogram(client: TestClient) -> None:
+    from tierq.models import Attempt
+
+    (job,) = add_jobs({"status": "running", "tier": "gpu"})
+    before = scrape(client)
+    calls = [("ok", None, 40.0), ("ok", None, 300.0), ("ok", None, 1500.0)]
+    calls.append(("error", "timeout", 70_000.0))
+    add_rows(
+        *(
+            Attempt(
+                job_id=job,
+                tier="gpu",
+                backend="gpu-vllm",
+                worker="w1",
+                outcome=outcome,
+                error_class=error_class,
+                latency_ms=latency,
+            )
+            for outcome, error_class, latency in calls
+        )
+    )
+    after = scrape(client)
+    attempts = "tierq_attempts_total"
+    assert delta(before, after, attempts, backend="gpu-vllm", outcome="ok", error_class="none") == 3
+    assert (
+        delta(before, after, attempts, backend="gpu-vllm", outcome="error", error_class="timeout")
+        == 1
+    )
+    expected = {"0.05": 1, "0.1": 1, "0.25": 1, "0.5": 2, "1.0": 2, "2.5": 3}
+    expected |= {"5.0": 3, "10.0": 3, "30.0": 3, "60.0": 3, "120.0": 4, "+Inf": 4}
+    bucket = "tierq_backend_latency_seconds_bucket"
+    for le, count in expected.items():
+        assert delta(before, after, bucket, backend="gpu-vllm", le=le) == count, le
+    histogram = "tierq_backend_latency_seconds"
+    assert delta(before, after, f"{histogram}_count", backend="gpu-vllm") == 4
+    assert delta(before, after, f"{histogram}_sum", backend="gpu-vllm") == pytest.approx(71.84)
+
+
+def test_failovers_and_breaker(client: TestClient) -> None:
+    from tierq.models import Backend, CircuitTransition, JobEvent
+
+    name = f"metrics-{uuid.uuid4().hex[:8]}"  # a backend of our own: no other test moves it
+    (job,) = add_jobs({"status": "queued", "tier": "hosted"})
+    before = scrape(client)
+    add_rows(
+        JobEvent(job_id=job, kind="escalated", detail={"from": "gpu", "to": "cpu"}),
+        JobEvent(job_id=job, kind="escalated", detail={"from": "cpu", "to": "hosted"}),
+        JobEvent(job_id=job, kind="escalated", detail={"from": "cpu", "to": "hosted"}),
+        JobEvent(job_id=job, kind="claimed", detail={}),
+        Backend(name=name, tier="gpu", health="down", circuit="half_open"),
+        CircuitTransition(backend=name, from_state="closed", to_state="open", reason="t"),
+        CircuitTransition(backend=name, from_state="open", to_state="half_open", reason="t"),
+    )
+    after = scrape(client)
+    assert delta(before, after, "tierq_failovers_total", **{"from": "gpu", "to": "cpu"}) == 1
+    assert delta(before, after, "tierq_failovers_total", **{"from": "cpu", "to": "hosted"}) == 2
+    transitions = "tierq_breaker_transitions_total"
+    assert value(after, transitions, backend=name, to_state="open") == 1
+    assert value(after, transitions, backend=name, to_state="half_open") == 1
+    state = {s: value(after, "tierq_breaker_state", backend=name, state=s) for s in STATES}
+    assert state == {"closed": 0, "open": 0, "half_open": 1}
+    assert ("tierq_backend_up", frozenset({("backend", name)})) in after
+    assert value(after, "tierq_backend_up", backend=name) == 0
+
+
+def test_queue_depth_is_llen_of_the_broker_lists(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    redis = redis_server.client()
+    marker = f"metrics-test-{uuid.uuid4().hex}"
+    before = scrape(client)
+    redis.rpush("gpu", marker, marker, marker)
+    redis.rpush("cpu\x06\x163", marker)  # kombu's list for priority 3 of queue "cpu"
+    try:
+        after = scrape(client)
+    finally:
+        redis.lrem("gpu", 0, marker)
+        redis.lrem("cpu\x06\x163", 0, marker)
+    assert delta(before, after, "tierq_queue_depth", queue="gpu", source="broker") == 3
+    assert delta(before, after, "tierq_queue_depth", queue="cpu", source="broker") == 1
+    assert ("tierq_queue_depth", frozenset({("queue", "emergency"), ("source", "broker")})) in after
+    assert value(after, "tierq_broker_up") == 1
+
+
+def test_a_dead_broker_costs_one_metric_not_the_scrape(env: dict[str, str]) -> None:
+    from tierq.config import load_config
+    from tierq.metrics import make_registry
+
+    registry = make_registry(load_config(), broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    metrics = parse(generate_latest(registry).decode())
+    assert time.monotonic() - started < 3
+    assert value(metrics, "tierq_broker_up") == 0
+    assert value(metrics, "tierq_scrape_errors_total", source="broker") == 1
+    assert not any(name == "tierq_queue_depth" for name, _ in metrics)
+    assert value(metrics, "tierq_database_up") == 1
+    assert ("tierq_parked_jobs", frozenset()) in metrics
+
+
+def test_a_dead_database_costs_its_metrics_not_the_scrape(env: dict[str, str]) -> None:
+    from tierq.config import load_config
+    from tierq.db import make_engine
+    from tierq.metrics import make_registry
+
+    engine = make_engine(f"postgresql+psycopg://tierq@127.0.0.1:{free_port()}/tierq")
+    metrics = parse(generate_latest(make_registry(load_config(), engine=engine)).decode())
+    engine.dispose()
+    assert value(metrics, "tierq_database_up") == 0
+    assert value(metrics, "tierq_scrape_errors_total", source="database") == 1
+    assert ("tierq_parked_jobs", frozenset()) not in metrics
+    assert value(metrics, "tierq_broker_up") == 1
+
+
+def test_without_a_redis_broker_queue_depth_comes_from_the_database(env: dict[str, str]) -> None:
+    from tierq.config import load_config
+    from tierq.metrics import make_registry
+
+    registry = make_registry(load_config(), broker_url="filesystem://")
+    before = parse(generate_latest(registry).decode())
+    add_jobs({"status": "queued", "tier": "cpu"}, {"status": "running", "tier": "cpu"})
+    after = parse(generate_latest(registry).decode())
+    assert delta(before, after, "tierq_queue_depth", queue="cpu", source="database") == 1
+    assert ("tierq_queue_depth", frozenset({("queue", "emergency"), ("source", "database")})) in (
+        after
+    )
+    assert ("tierq_broker_up", frozenset()) not in after
+
+
+# --- /health/backends ------------------------------------------------------------------
+
+
+def test_backends_need_a_key(client: TestClient) -> None:
+    response = client.get("/health/backends")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_backends_lists_the_configured_backends_without_secrets(
+    client: TestClient, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = f"sk-ant-{uuid.uuid4().hex}"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
+    response = client.get("/health/backends", headers=auth(api_key))
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert [(b["name"], b["tier"], b["protocol"]) for b in data] == [
+        ("gpu-vllm", "gpu", "openai"),
+        ("cpu-ollama", "cpu", "ollama"),
+        ("hosted-anthropic", "hosted", "anthropic"),
+    ]
+    assert set(data[0]) == {
+        "name",
+        "tier",
+        "protocol",
+        "url",
+        "health",
+        "circuit",
+        "disabled",
+        "last_probe_at",
+        "last_latency_ms",
+        "last_error",
+    }
+    assert secret not in response.text and "api_key" not in response.text
+
+
+def test_backends_show_the_shared_state_row(env: dict[str, str], api_key: str) -> None:
+    from api.app import create_app
+    from tierq.config import parse_config
+    from tierq.db import db_now
+    from tierq.models import Backend
+
+    name = f"metrics-{uuid.uuid4().hex[:8]}"
+    config = parse_config(
+        f"tiers:\n  - name: gpu\n    backends:\n      - name: {name}\n        protocol: openai\n"
+        "        url: http://127.0.0.1:1\n        model: m\n"
+    )
+    add_rows(
+        Backend(
+            name=name,
+            tier="gpu",
+            health="degraded",
+            circuit="open",
+            disabled=True,
+            last_probe_at=db_now(),
+            last_latency_ms=2500.0,
+            last_error="slow",
+        )
+    )
+    with TestClient(create_app(config)) as client:
+        (backend,) = client.get("/health/backends", headers=auth(api_key)).json()["data"]
+    assert backend["name"] == name and backend["url"] == "http://127.0.0.1:1"
+    shown = {k: backend[k] for k in ("health", "circuit", "disabled", "last_error")}
+    assert shown == dict(health="degraded", circuit="open", disabled=True, last_error="slow")
+    assert backend["last_latency_ms"] == 2500.0
+    assert backend["last_probe_at"] is not None

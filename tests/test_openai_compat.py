@@ -1,0 +1,219 @@
+"""The official OpenAI SDK, unmodified, against a real tierq (API, relay, worker processes).
+
+What the SDK does that matters here (openai 3.x, ``_base_client.py``): it retries 408,
+409, 429 and 5xx twice by default, honouring ``Retry-After`` up to 120 s and an
+``x-should-retry`` header above all; it sends ``x-stainless-read-timeout`` and
+``x-stainless-retry-count``, but no ``Idempotency-Key`` of its own, so only a key the
+caller passes with ``extra_headers`` makes its retries safe.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.deployment import Deployment, backend, deployment, tier
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "what is durable?"}]
+
+
+def sdk(d: Deployment, **options: Any) -> OpenAI:
+    return OpenAI(base_url=f"{d.stack.api_url}/v1", api_key=d.key, **options)
+
+
+def counting_sdk(d: Deployment, **options: Any) -> tuple[OpenAI, list[httpx.Request]]:
+    """An SDK client whose HTTP requests (retries included) are recorded."""
+    sent: list[Any] = []
+    http = openai.DefaultHttpxClient(event_hooks={"request": [sent.append]})
+    return sdk(d, http_client=http, **options), sent
+
+
+def chat_calls(d: Deployment, simulator: str = "gpu-sim") -> int:
+    stats = httpx.get(f"{d.simulators[simulator]}/_sim/stats").json()
+    return stats["endpoints"].get("POST /v1/chat/completions", 0)
+
+
+def job_count(d: Deployment) -> int:
+    with d.client() as client:
+        return len(client.get("/v1/jobs", params={"limit": 100}).json()["data"])
+
+
+def wait_job(d: Deployment, job_id: str, wait: float = 20) -> dict[str, Any]:
+    with d.client() as client:
+        return client.get(f"/v1/jobs/{job_id}", params={"wait": wait}).json()
+
+
+@pytest.fixture
+def pg_redis(tmp_path: Path) -> Iterator[Deployment]:
+    with deployment(tmp_path) as d:
+        yield d
+
+
+def gpu_only(urls: dict[str, str]) -> dict[str, Any]:
+    return {"tiers": [tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"]))]}
+
+
+@pytest.mark.parametrize("mode", ["postgres-redis", "sqlite-filesystem"])
+def test_sdk_completes_a_chat_and_lists_models(tmp_path: Path, mode: str) -> None:
+    with deployment(tmp_path, mode) as d:
+        sdk_completes_a_chat_and_lists_models(d)
+
+
+def sdk_completes_a_chat_and_lists_models(d: Deployment) -> None:
+    d.stack.api()
+    d.stack.relay()
+    d.stack.worker("gpu")
+    client = sdk(d)
+
+    models = [m.id for m in client.models.list()]
+    assert models[0] == "tierq"
+    assert {"gpu-sim-model", "cpu-sim-model"} <= set(models)
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="tierq", messages=QUESTION, n=1, temperature=0.2
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    answer = completion.choices[0].message.content or ""
+    assert "what is durable?" in answer and "gpu-sim" in answer
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage is not None and completion.usage.total_tokens > 0
+    job_id = raw.headers["x-tierq-job-id"]
+    assert completion._request_id == job_id  # x-request-id: the SDK shows the job id
+    assert raw.headers["x-tierq-tier"] == "gpu"
+    assert raw.headers["x-tierq-backend"] == "gpu-sim"
+    assert raw.headers["x-tierq-quality"] == "full"
+    assert raw.headers["x-tierq-attempts"] == "1"
+    job = wait_job(d, job_id)
+    assert job["status"] == "succeeded" and job["result"]["id"] == completion.id
+    assert chat_calls(d) == 1
+
+    # Bad input: a 4xx naming the field, no job written, nothing run.
+    with pytest.raises(openai.UnprocessableEntityError) as bad:
+        client.chat.completions.create(model="tierq", messages=QUESTION, n=2)
+    assert bad.value.param == "n" and "n=1" in str(bad.value)
+    with pytest.raises(openai.UnprocessableEntityError) as streamed:
+        client.chat.completions.create(model="tierq", messages=QUESTION, stream=True)
+    assert streamed.value.param == "stream" and "stream" in str(streamed.value)
+    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+        client.chat.completions.create(model="tierq", messages=QUESTION, logit_bias={"1": 2})
+    assert unknown.value.param == "logit_bias"
+    with pytest.raises(openai.AuthenticationError) as denied:
+        OpenAI(base_url=f"{d.stack.api_url}/v1", api_key="tq_wrong").models.list()
+    assert "not valid" in str(denied.value)
+    assert job_count(d) == 1 and chat_calls(d) == 1
+
+
+def test_wait_runs_out_then_the_same_key_returns_the_answer(pg_redis: Deployment) -> None:
+    d = pg_redis
+    d.stack.api(TIERQ_CHAT_WAIT_SECONDS="1")
+    d.stack.relay()
+    d.stack.worker("gpu")
+    d.fault("gpu-sim", latency_ms=3000)
+    key = {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
+
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as ran_out:
+        sdk(d, max_retries=0).chat.completions.create(
+            model="tierq", messages=QUESTION, extra_headers=key
+        )
+    assert time.monotonic() - started < 2.5
+    error = ran_out.value
+    job_id = error.body["job_id"]  # type: ignore[index]
+    assert error.status_code == 504 and error.code == "job_not_finished"
+    assert job_id in str(error) and "Idempotency-Key" in str(error)
+    assert error.request_id == job_id
+    assert error.response.headers["location"] == f"/v1/jobs/{job_id}"
+    assert error.response.headers["retry-after"] == "1"
+    assert error.response.headers["x-should-retry"] == "true"
+
+    assert wait_job(d, job_id)["status"] == "succeeded"
+    assert chat_calls(d) == 1
+    raw = sdk(d).chat.completions.with_raw_response.create(
+        model="tierq", messages=QUESTION, extra_headers=key
+    )
+    assert raw.headers["x-tierq-job-id"] == job_id
+    assert raw.headers["idempotent-replayed"] == "true"
+    assert "what is durable?" in (raw.parse().choices[0].message.content or "")
+    assert chat_calls(d) == 1 and job_count(d) == 1  # answered from the job, not run again
+
+    # With a key, the SDK's own retries wait for the same job until it answers.
+    client, sent = counting_sdk(d, max_retries=4)
+    d.fault("gpu-sim", latency_ms=2500)
+    completion = client.chat.completions.create(
+        model="tierq",
+        messages=QUESTION,
+        extra_headers={"Idempotency-Key": f"chat-{uuid.uuid4()}"},
+    )
+    assert "what is durable?" in (completion.choices[0].message.content or "")
+    assert len(sent) >= 2 and len({r.headers["idempotency-key"] for r in sent}) == 1
+    assert chat_calls(d) == 2 and job_count(d) == 2
+
+    # Without a key, a retry would run the request again: tierq tells the SDK not to.
+    client, sent = counting_sdk(d)  # the SDK's default: two retries
+    with pytest.raises(openai.InternalServerError) as unkeyed:
+        client.chat.completions.create(model="tierq", messages=QUESTION)
+    assert len(sent) == 1 and "idempotency-key" not in sent[0].headers
+    assert unkeyed.value.response.headers["x-should-retry"] == "false"
+    assert f"GET /v1/jobs/{unkeyed.value.body['job_id']}" in str(unkeyed.value)  # type: ignore[index]
+    assert job_count(d) == 3
+    assert wait_job(d, unkeyed.value.body["job_id"])["status"] == "succeeded"  # type: ignore[index]
+    assert chat_calls(d) == 3
+
+
+def test_failed_parked_and_cancelled_jobs_are_openai_errors(tmp_path: Path) -> None:
+    with deployment(tmp_path, config=gpu_only, simulators=("gpu-sim",)) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        client, sent = counting_sdk(d)
+
+        # The backend refuses the request as too long: a 400 like OpenAI's own.
+        d.fault("gpu-sim", mode="context_length")
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.chat.completions.create(model="tierq", messages=QUESTION)
+        assert too_long.value.code == "context_length_exceeded"
+        assert too_long.value.body["job_id"] in str(too_long.value)  # type: ignore[index]
+        assert len(sent) == 1 and chat_calls(d) == 1
+
+        # Every backend down: the job is parked, the client told so at once, with when.
+        d.fault("gpu-sim", mode="error_500")
+        sent.clear()
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as parked:
+            client.with_options(max_retries=0).chat.completions.create(
+                model="tierq",
+                messages=QUESTION,
+                extra_headers={"Idempotency-Key": f"parked-{uuid.uuid4()}"},
+            )
+        assert time.monotonic() - started < 20
+        assert parked.value.status_code == 503 and parked.value.code == "job_parked"
+        assert "parked" in str(parked.value)
+        assert 1 <= int(parked.value.response.headers["retry-after"]) <= 60
+        assert wait_job(d, parked.value.body["job_id"], 0)["status"] == "parked"  # type: ignore[index]
+
+        # A cancelled job stays cancelled: the same key gets a 409 the SDK does not retry.
+        # The SDK's read timeout (2 s) caps tierq's wait, so the 504 comes before it gives up.
+        d.fault("gpu-sim", mode="ok", latency_ms=4000)
+        key = {"Idempotency-Key": f"cancel-{uuid.uuid4()}"}
+        with pytest.raises(openai.InternalServerError) as slow:
+            client.with_options(max_retries=0, timeout=2).chat.completions.create(
+                model="tierq", messages=QUESTION, extra_headers=key
+            )
+        job_id = slow.value.body["job_id"]  # type: ignore[index]
+        with d.client() as http:
+            assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        sent.clear()
+        with pytest.raises(openai.ConflictError) as cancelled:
+            client.chat.completions.create(model="tierq", messages=QUESTION, extra_headers=key)
+        assert cancelled.value.code == "job_cancelled" and job_id in str(cancelled.value)
+        assert len(sent) == 1

@@ -1,0 +1,432 @@
+"""Prometheus metrics read from the database (and the broker) at scrape time.
+
+Workers are prefork processes on other machines, so counters kept in the API's memory would
+miss everything they do. The database is the truth: every number here is a query run when
+Prometheus scrapes. Counts of rows that are never deleted or changed (terminal jobs,
+attempts, breaker transitions, escalation events) only grow, so they are real counters.
+
+Each group of metrics is one function ``(connection, config) -> metric families`` in
+``DATABASE_SECTIONS``; adding one (webhook deliveries by outcome, once that table exists) is
+one more function in that tuple.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+
+import redis
+from kombu.transport.redis import Channel as RedisChannel
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import Connection, Engine, case, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from tierq.config import EMERGENCY_QUEUE, TierqConfig
+from tierq.db import db_now, get_engine
+from tierq.models import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Attempt,
+    Backend,
+    CircuitTransition,
+    Job,
+    JobEvent,
+    JobStatus,
+)
+from tierq.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# Seconds. LLM calls range from tens of milliseconds (a cache-warm small model) to minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Answers of these qualities from the first SLA_TIERS tiers count as "good" for the SLA.
+SLA_QUALITIES = ("full", "reduced")
+SLA_TIERS = 2
+CIRCUIT_STATES = ("closed", "open", "half_open")
+UP_HEALTH = ("healthy", "degraded")
+# A scrape must not hang on a dead broker or pile slow queries onto the database.
+REDIS_CONNECT_TIMEOUT = 0.5
+REDIS_SOCKET_TIMEOUT = 1.0
+STATEMENT_TIMEOUT_MS = 5000
+NONE_LABEL = "none"  # label value for a NULL column (quality, error_class)
+
+Section = Callable[[Connection, TierqConfig], Iterable[Metric]]
+
+
+def _label(value: str | None) -> str:
+    return value if value is not None else NONE_LABEL
+
+
+# --- jobs -------------------------------------------------------------------------------
+
+
+def job_metrics(conn: Connection, config: TierqConfig) -> Iterator[Metric]:
+    """Jobs by status and tier, finished jobs by quality, and the quality SLA: one GROUP BY."""
+    rows = conn.execute(
+        select(Job.status, Job.tier, Job.quality, func.count()).group_by(
+            Job.status, Job.tier, Job.quality
+        )
+    ).all()
+    current: Counter[tuple[str, str]] = Counter()
+    # Zero series for the active states of every tier, so "queued == 0" is a value, not absence.
+    for tier in config.tier_names:
+        for status in ACTIVE_STATUSES:
+            current[(str(status), tier)] = 0
+    finished = CounterMetricFamily(
+        "tierq_jobs_finished",
+        "Jobs that reached a terminal status.",
+        labels=["status", "tier", "quality"],
+    )
+    sla_tiers = set(config.tier_names[:SLA_TIERS])
+    succeeded = good = 0
+    for status, tier, quality, count in rows:
+        current[(status, tier)] += count
+        if status in TERMINAL_STATUSES:
+            finished.add_metric([status, tier, _label(quality)], count)
+        if status == JobStatus.SUCCEEDED:
+            succeeded += count
+            good += count if tier in sla_tiers and quality in SLA_QUALITIES else 0
+    jobs = GaugeMetricFamily(
+        "tierq_jobs", "Jobs in the database now, by status and tier.", labels=["status", "tier"]
+    )
+    for (status, tier), count in sorted(current.items()):
+        jobs.add_metric([status, tier], count)
+    yield jobs
+    yield finished
+    if succeeded:  # no ratio without answers; an absent series beats a made-up 0 or 1
+        yield GaugeMetricFamily(
+            "tierq_quality_sla_ratio",
+            f"Share of succeeded jobs answered at quality {'/'.join(SLA_QUALITIES)} by the "
+            f"first {SLA_TIERS} tiers, since the start of the record.",
+            value=good / succeeded,
+        )
+
+
+def parked_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
+    """How many jobs are parked, and how long the oldest has waited (database clock)."""
+    count, oldest, now = conn.execute(
+        select(func.count(), func.min(Job.created_at), db_now()).where(
+            Job.status == JobStatus.PARKED
+        )
+    ).one()
+    yield GaugeMetricFamily("tierq_parked_jobs", "Jobs parked until a backend recovers.", count)
+    yield GaugeMetricFamily(
+        "tierq_oldest_parked_job_age_seconds",
+        "Age of the oldest parked job (0 when none is parked).",
+        _age_seconds(oldest, now),
+    )
+
+
+def _age_seconds(oldest: datetime | None, now: datetime) -> float:
+    if oldest is None:
+        return 0.0
+    # SQLite hands back naive UTC datetimes, Postgres aware ones; compare like with like.
+    if (oldest.tzinfo is None) != (now.tzinfo is None):
+        oldest, now = oldest.replace(tzinfo=None), now.replace(tzinfo=None)
+    return max(0.0, (now - oldest).total_seconds())
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+def attempt_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
+    """Backend calls by outcome, and their latency histogram: one scan of attempts."""
+    buckets = [
+        func.sum(case((Attempt.latency_ms <= le * 1000, 1), else_=0)) for le in LATENCY_BUCKETS
+    ]
+    rows = conn.execute(
+        select(
+            Attempt.backend,
+            Attempt.outcome,
+            Attempt.error_class,
+            func.count(),
+            func.sum(Attempt.latency_ms),
+            *buckets,
+        ).group_by(Attempt.backend, Attempt.outcome, Attempt.error_class)
+    ).all()
+    attempts = CounterMetricFamily(
+        "tierq_attempts",
+        "Backend calls, by outcome and error class.",
+        labels=["backend", "outcome", "error_class"],
+    )
+    # Per backend: [count, sum of ms, cumulative count per bucket...]
+    latency: dict[str, list[float]] = defaultdict(lambda: [0.0] * (2 + len(LATENCY_BUCKETS)))
+    for backend, outcome, error_class, count, total_ms, *in_buckets in rows:
+        attempts.add_metric([backend, outcome, _label(error_class)], count)
+        acc = latency[backend]
+        for i, value in enumerate((count, total_ms or 0.0, *in_buckets)):
+            acc[i] += value or 0
+    histogram = HistogramMetricFamily(
+        "tierq_backend_latency_seconds",
+        "Latency of backend calls (successful or not).",
+        labels=["backend"],
+    )
+    for backend, (count, total_ms, *cumulative) in sorted(latency.items()):
+        histogram.add_metric(
+            [backend],
+            buckets=[
+                *(
+                    (floatToGoString(le), n)
+                    for le, n in zip(LATENCY_BUCKETS, cumulative, strict=True)
+                ),
+                ("+Inf", count),
+            ],
+            sum_value=total_ms / 1000,
+        )
+    yield attempts
+    yield histogram
+
+
+def failover_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
+    """Escalations from one tier to the next, from the job event log."""
+    moves = (
+        select(
+            JobEvent.detail["from"].as_string().label("src"),
+            JobEvent.detail["to"].as_string().label("dst"),
+        )
+        .where(JobEvent.kind == "escalated")
+        .subquery()
+    )
+    # Grouping on a subquery's columns: Postgres refuses GROUP BY on a JSON expression whose
+    # key is a different bound parameter than the one in the SELECT list.
+    rows = conn.execute(
+        select(moves.c.src, moves.c.dst, func.count()).group_by(moves.c.src, moves.c.dst)
+    ).all()
+    family = CounterMetricFamily(
+        "tierq_failovers", "Jobs escalated from one tier to another.", labels=["from", "to"]
+    )
+    for src, dst, count in rows:
+        family.add_metric([_label(src), _label(dst)], count)
+    yield family
+
+
+def breaker_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
+    """Breaker transitions (counter), and each backend's breaker state, health and switch."""
+    transitions = CounterMetricFamily(
+        "tierq_breaker_transitions",
+        "Circuit breaker state changes, by the state entered.",
+        labels=["backend", "to_state"],
+    )
+    for backend, to_state, count in conn.execute(
+        select(CircuitTransition.backend, CircuitTransition.to_state, func.count()).group_by(
+            CircuitTransition.backend, CircuitTransition.to_state
+        )
+    ):
+        transitions.add_metric([backend, to_state], count)
+    yield transitions
+
+    state = GaugeMetricFamily(
+        "tierq_breaker_state",
+        "1 for the breaker's current state, 0 for the others.",
+        labels=["backend", "state"],
+    )
+    up = GaugeMetricFamily(
+        "tierq_backend_up",
+        "1 if the last probe found the backend healthy or degraded.",
+        labels=["backend"],
+    )
+    disabled = GaugeMetricFamily(
+        "tierq_backend_disabled", "1 if an operator disabled the backend.", labels=["backend"]
+    )
+    rows = conn.execute(
+        select(Backend.name, Backend.circuit, Backend.health, Backend.disabled).order_by(
+            Backend.name
+        )
+    )
+    for name, circuit, health, is_disabled in rows:
+        for candidate in CIRCUIT_STATES:
+            state.add_metric([name, candidate], float(circuit == candidate))
+        up.add_metric([name], float(health in UP_HEALTH))
+        disabled.add_metric([name], float(bool(is_disabled)))
+    yield from (state, up, disabled)
+
+
+DATABASE_SECTIONS: tuple[Section, ...] = (
+    job_metrics,
+    parked_metrics,
+    attempt_metrics,
+    failover_metrics,
+    breaker_metrics,
+)
+
+
+# --- queues -----------------------------------------------------------------------------
+
+
+def queue_names(config: TierqConfig) -> list[str]:
+    return [*config.tier_names, EMERGENCY_QUEUE]
+
+
+def _is_redis(url: str) -> bool:
+    # redis+socket:// and sentinel:// brokers fall back to counting in the database.
+    return url.startswith(("redis://", "rediss://"))
+
+
+def redis_queue_depths(url: str, queues: list[str]) -> dict[str, int]:
+    """LLEN of each queue, including kombu's per-priority lists; raises if Redis is away."""
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),  # redis-py retries by default; a scrape must not wait
+    )
+    try:
+        keys = {queue: _priority_keys(queue) for queue in queues}
+        pipe = client.pipeline(transaction=False)
+        for queue_keys in keys.values():
+            for key in queue_keys:
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
+        return {queue: sum(next(lengths) for _ in queue_keys) for queue, queue_keys in keys.items()}
+    finally:
+        client.close()
+
+
+def _priority_keys(queue: str) -> list[str]:
+    # kombu keeps a message with priority p in list "<queue>\x06\x16<p>" (p > 0), so a queue's
+    # depth is the sum of those lists, not only the one named after it.
+    steps = RedisChannel.priority_steps
+    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in steps if step)]
+
+
+def database_queue_depths(conn: Connection, queues: list[str]) -> dict[str, int]:
+    """For brokers we cannot count (filesystem, AMQP): jobs queued on each tier."""
+    depths = dict.fromkeys(queues, 0)
+    rows = conn.execute(
+        select(Job.tier, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.tier)
+    )
+    for tier, count in rows:
+        if tier in depths:
+            depths[tier] = count
+    return depths
+
+
+def _queue_family(depths: dict[str, int], source: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "tierq_queue_depth",
+        "Messages waiting in each broker queue (source=database: queued jobs per tier).",
+        labels=["queue", "source"],
+    )
+    for queue, depth in depths.items():
+        family.add_metric([queue, source], depth)
+    return family
+
+
+# --- the collector ----------------------------------------------------------------------
+
+
+class TierqCollector(Collector):
+    """Runs the queries at every scrape. Engine and broker URL default to tierq's settings."""
+
+    def __init__(
+        self,
+        config: TierqConfig,
+        engine: Engine | None = None,
+        broker_url: str | None = None,
+    ) -> None:
+        self.config = config
+        self._engine = engine
+        self._broker_url = broker_url
+        self._errors: Counter[str] = Counter({"database": 0, "broker": 0})
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine or get_engine()
+
+    @property
+    def broker_url(self) -> str:
+        return self._broker_url or get_settings().effective_broker_url
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        database, database_up = self._database_metrics()
+        yield from database
+        yield from self._broker_metrics()
+        yield GaugeMetricFamily(
+            "tierq_database_up", "1 if the metrics queries succeeded.", database_up
+        )
+        errors = CounterMetricFamily(
+            "tierq_scrape_errors",
+            "Scrapes (of this API process) that could not read a source.",
+            labels=["source"],
+        )
+        with self._lock:
+            for source, count in sorted(self._errors.items()):
+                errors.add_metric([source], count)
+        yield errors
+        yield GaugeMetricFamily(
+            "tierq_scrape_duration_seconds",
+            "Time spent reading the database and broker for this scrape.",
+            time.perf_counter() - started,
+        )
+
+    def _failed(self, source: str, exc: Exception) -> None:
+        log.warning("metrics: cannot read the %s: %s", source, exc)
+        with self._lock:
+            self._errors[source] += 1
+
+    def _database_metrics(self) -> tuple[list[Metric], int]:
+        """All database metrics from one read-only transaction, or none if it fails."""
+        try:
+            with self.engine.connect() as conn:
+                conn = self._prepare(conn)
+                with conn.begin():
+                    self._limit_statement_time(conn)
+                    metrics = [
+                        m for section in DATABASE_SECTIONS for m in section(conn, self.config)
+                    ]
+                    if not _is_redis(self.broker_url):
+                        depths = database_queue_depths(conn, queue_names(self.config))
+                        metrics.append(_queue_family(depths, "database"))
+        except SQLAlchemyError as exc:
+            self._failed("database", exc)
+            return [], 0
+        return metrics, 1
+
+    @staticmethod
+    def _prepare(conn: Connection) -> Connection:
+        if conn.dialect.name != "postgresql":
+            return conn
+        # One snapshot for every query, so the numbers of one scrape agree with each other.
+        return conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+
+    @staticmethod
+    def _limit_statement_time(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"))
+
+    def _broker_metrics(self) -> Iterator[Metric]:
+        url = self.broker_url
+        if not _is_redis(url):
+            return  # counted from the database above; there is no broker connection to judge
+        try:
+            depths = redis_queue_depths(url, queue_names(self.config))
+        except (redis.RedisError, OSError) as exc:
+            self._failed("broker", exc)
+            yield GaugeMetricFamily("tierq_broker_up", "1 if the broker answered.", 0)
+            return
+        yield GaugeMetricFamily("tierq_broker_up", "1 if the broker answered.", 1)
+        yield _queue_family(depths, "broker")
+
+
+def make_registry(
+    config: TierqConfig, engine: Engine | None = None, broker_url: str | None = None
+) -> CollectorRegistry:
+    """A registry of tierq's metrics only (no process metrics of whichever API served it)."""
+    registry = CollectorRegistry()
+    registry.register(TierqCollector(config, engine, broker_url))
+    return registry
