@@ -93,6 +93,7 @@ def _insert(
     key: str | None,
     digest: str,
     config: TierqConfig,
+    stream: bool = False,
 ) -> tuple[JobRow, bool]:
     # Core inserts, not the unit of work: this is the hot path, and three statements do.
     conversation_id, first = _reserve_turns(
@@ -124,7 +125,9 @@ def _insert(
         "tier": config.tier_names[0],
         "priority": body.priority,
         "deadline": body.deadline,
-        "request": body.params(),
+        # A streamed job's worker sends its tokens out as they come; the flag is not part
+        # of the request hash, so the same chat streamed or not is the same job.
+        "request": {**body.params(), **({"stream": True} if stream else {})},
         "idempotency_key": key,
         "request_hash": digest,
         "on_exhausted": body.on_exhausted,
@@ -138,13 +141,15 @@ def _insert(
     return job, blocked
 
 
-def accept(owner: uuid.UUID, body: JobCreate, key: str | None, config: TierqConfig) -> Accepted:
+def accept(
+    owner: uuid.UUID, body: JobCreate, key: str | None, config: TierqConfig, stream: bool = False
+) -> Accepted:
     digest = request_hash(body)
     try:
         with session_scope() as session:
             if key and (job := _existing(session, owner, key, digest)):
                 return Accepted(job, replayed=True)
-            job, blocked = _insert(session, owner, body, key, digest, config)
+            job, blocked = _insert(session, owner, body, key, digest, config, stream)
     except IntegrityError:
         if not key:
             raise

@@ -459,8 +459,19 @@ def test_receiver_down_then_back_gets_every_event_signed(
                 (dropped, "job.cancelled"),
             }
             wait_until(lambda: expected <= announced(), 40, 0.2, what="every event delivered")
-            time.sleep(1)  # anything left over would arrive now
 
+            def deliveries() -> list[list[dict[str, Any]]]:
+                return [
+                    client.get(f"/v1/jobs/{i}/deliveries").json()["data"] for i in (kept, dropped)
+                ]
+
+            # the worker records each 200 just after the receiver has answered it
+            wait_until(
+                lambda: {d["status"] for log in deliveries() for d in log} == {"delivered"},
+                10,
+                0.1,
+                what="every delivery logged",
+            )
             requests = list(receiver.requests)
             assert [r.answered for r in requests[:4]] == [503] * 4
             for request in requests:
@@ -479,9 +490,8 @@ def test_receiver_down_then_back_gets_every_event_signed(
                     assert [r.body for r in retried] == [request.body]
 
             # the deliveries endpoint tells the same story as the receiver
-            logs = [client.get(f"/v1/jobs/{i}/deliveries").json()["data"] for i in (kept, dropped)]
+            logs = deliveries()
             shown = [d for log in logs for d in log]
-            assert {d["status"] for d in shown} == {"delivered"}
             assert sum(d["attempts"] for d in shown) == len(requests)
             codes = sorted(a["status_code"] for d in shown for a in d["attempt_log"])
             assert codes == sorted(r.answered for r in requests)
@@ -541,12 +551,16 @@ def test_zero_install_default_delivers_to_the_keys_default_url(
                 "succeeded"
             )
             wait_until(lambda: receiver.acknowledged(), 30, 0.1, what="the webhook")
-            shown = client.get(f"/v1/jobs/{job_id}/deliveries").json()["data"]
+
+            def shown() -> list[tuple[str, int, str]]:
+                data = client.get(f"/v1/jobs/{job_id}/deliveries").json()["data"]
+                return [(d["status"], d["attempts"], d["url"]) for d in data]
+
+            # the worker records the 200 just after the receiver has answered it
+            wait_until(lambda: shown()[0][0] == "delivered", 10, 0.1, what="delivery logged")
+            assert shown() == [("delivered", 2, receiver.url)]
         [ack] = receiver.acknowledged()
         event = Webhook(created.webhook_secret).verify(ack.body, ack.headers)
         assert event["type"] == "job.succeeded" and event["data"]["id"] == job_id
         assert event["data"]["result"]["choices"][0]["message"]["content"]
         assert [r.answered for r in receiver.requests] == [503, 200]
-        assert [(d["status"], d["attempts"], d["url"]) for d in shown] == [
-            ("delivered", 2, receiver.url)
-        ]

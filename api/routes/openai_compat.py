@@ -34,13 +34,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import Field, field_validator
 from sqlalchemy import select
 
 from api.auth import Caller, current_caller
 from api.problems import PROBLEM_JSON, Problem
+from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, wait_for_end
 from api.schemas import JobCreate, utc
 from api.submit import accept
@@ -158,6 +159,7 @@ class ChatCompletionCreate(JobCreate):
     """The OpenAI chat-completions body (tierq's options may ride along in the body)."""
 
     stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
     n: int | None = Field(None, description="Choices to generate; tierq generates one.")
 
     @field_validator("n")
@@ -170,7 +172,9 @@ class ChatCompletionCreate(JobCreate):
     def job(self) -> JobCreate:
         """The job this request becomes: the same job, and the same Idempotency-Key
         fingerprint, as the same chat sent to ``POST /v1/jobs``, streamed or not."""
-        return JobCreate.model_validate(self.model_dump(exclude={"n", "stream"}, exclude_none=True))
+        return JobCreate.model_validate(
+            self.model_dump(exclude={"n", "stream", "stream_options"}, exclude_none=True)
+        )
 
 
 def _wait_seconds(read_timeout: str | None) -> float:
@@ -287,14 +291,26 @@ async def create_chat_completion(
     read_timeout: Annotated[str | None, Header(alias="x-stainless-read-timeout")] = None,
 ) -> Response:
     if body.stream:
-        # The streaming branch goes here: accept the job as below, then relay its tokens
-        # (tierq.streams) as chat.completion.chunk events.
-        raise _problem(
-            422,
-            "Invalid request",
-            "stream: streaming is not supported yet; leave stream out or set it to false",
-            "unsupported_parameter",
-            param="stream",
+        accepted = await run_in_threadpool(
+            accept,
+            caller.key_id,
+            body.job(),
+            idempotency_key,
+            request.app.state.tier_config,
+            True,
+        )
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        frames = stream_job(
+            request, caller, accepted.job, include_usage, _wait_seconds(read_timeout)
+        )
+        return StreamingResponse(
+            frames,
+            media_type="text/event-stream",
+            headers={
+                "x-request-id": str(accepted.job.id),
+                "x-tierq-job-id": str(accepted.job.id),
+                "Cache-Control": "no-cache",
+            },
         )
     accepted = await run_in_threadpool(
         accept, caller.key_id, body.job(), idempotency_key, request.app.state.tier_config
