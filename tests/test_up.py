@@ -48,7 +48,7 @@ def test_up_answers_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         assert up.poll() is None, text
         key = re.search(r"API key\s+(tq_\S+)", text).group(1)  # type: ignore[union-attr]
         children = _children_of(up.pid)
-        assert len(children) == 6  # simulator, beat, api, three tier workers
+        assert len(children) == 7  # simulator, beat, api, three tier workers, webhooks
         headers = {"Authorization": f"Bearer {key}"}
         body = {"model": "m", "messages": [{"role": "user", "content": "hello up"}]}
         job = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body, headers=headers).json()
