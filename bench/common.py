@@ -78,3 +78,17 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 def p50(values: list[float]) -> float:
     return statistics.median(values) * 1000
+
+
+def make_key(url: str) -> str:
+    """An API key created straight in the benchmark's database."""
+    from sqlalchemy.orm import Session
+
+    from tierq.db import make_engine
+    from tierq.keys import create_key
+
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        key = create_key(session, "bench").key
+    engine.dispose()
+    return key

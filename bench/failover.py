@@ -28,12 +28,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import spawn, wait_http
+from bench.common import make_key, spawn, wait_http
 from tests import ledger
 from tests.deployment import backend, tier
 from tests.services import RedisServer, SharedDatabase, free_port
 from tierq.db import make_engine
-from tierq.keys import create_key
 from tierq.migrate import upgrade
 
 PY = sys.executable
@@ -281,16 +280,6 @@ def run_drain(database_url: str, env: dict, logs: Path, count: int) -> None:
 
 def _s(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f} s"
-
-
-def make_key(url: str) -> str:
-    from sqlalchemy.orm import Session
-
-    engine = make_engine(url)
-    with Session(engine) as session, session.begin():
-        key = create_key(session, "bench").key
-    engine.dispose()
-    return key
 
 
 def main() -> None:

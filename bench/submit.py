@@ -25,25 +25,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import load, p50, spawn, wait_http
+from bench.common import load, make_key, p50, spawn, wait_http
 from tests.services import RedisServer, SharedDatabase, free_port
 from tests.stack import tier_file
-from tierq.db import make_engine
-from tierq.keys import create_key
 from tierq.migrate import upgrade
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 16}
 PY = sys.executable
-
-
-def make_key(url: str) -> str:
-    from sqlalchemy.orm import Session
-
-    engine = make_engine(url)
-    with Session(engine) as session, session.begin():
-        key = create_key(session, "bench").key
-    engine.dispose()
-    return key
 
 
 def bench_submit(env: dict[str, str], logs: Path, key: str, requests: int) -> None:

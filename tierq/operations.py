@@ -59,24 +59,23 @@ def replay(
     if job_ids:
         query = query.where(Job.id.in_(job_ids))
     ids = session.scalars(query.order_by(Job.priority.desc(), Job.created_at).limit(limit)).all()
-    released = (
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
-            .values(
-                status=JobStatus.QUEUED,
-                tier=config.tier_names[0],
-                published_at=None,
-                due_at=None,
-                updated_at=db_now(),
-            )
-            .returning(Job.id)
-        ).all()
-        if ids
-        else []
-    )
+    return release_parked(session, list(ids), config.tier_names[0], by="operator")
+
+
+def release_parked(session: Session, ids: list[uuid.UUID], tier: str, by: str) -> list[uuid.UUID]:
+    """parked → queued on ``tier`` (the relay publishes them); the one way out of parking."""
+    if not ids:
+        return []
+    released = session.scalars(
+        update(Job)
+        .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
+        .values(
+            status=JobStatus.QUEUED, tier=tier, published_at=None, due_at=None, updated_at=db_now()
+        )
+        .returning(Job.id)
+    ).all()
     for job_id in released:
-        record_event(session, job_id, "replayed", by="operator")
+        record_event(session, job_id, "replayed", tier=tier, by=by)
     return list(released)
 
 

@@ -27,6 +27,7 @@ from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
 from tierq.events import notify_job_changed, record_event
 from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
+from tierq.operations import release_parked
 from tierq.settings import Settings
 from worker import circuit
 from worker.broker_epoch import BrokerEpoch
@@ -140,24 +141,7 @@ class Relay:
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(budget)
             ).all()
-            released = (
-                session.scalars(
-                    update(Job)
-                    .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
-                    .values(
-                        status=JobStatus.QUEUED,
-                        tier=tier,
-                        published_at=None,
-                        due_at=None,
-                        updated_at=db_now(),
-                    )
-                    .returning(Job.id)
-                ).all()
-                if ids
-                else []
-            )
-            for job_id in released:
-                record_event(session, job_id, "replayed", tier=tier)
+            released = release_parked(session, list(ids), tier, by="relay")
         if closed:
             self._replay_credit -= len(released)
         return len(released)
