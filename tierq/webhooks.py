@@ -163,8 +163,12 @@ def parse_url(url: str) -> Target:
         raise UnsafeWebhookURL("must name a host")
     if parts.username is not None or parts.password is not None:
         raise UnsafeWebhookURL("must not contain credentials; receivers verify the signature")
+    try:  # an internationalized name in its ASCII form: what DNS and the Host header use
+        host = parts.hostname.encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise UnsafeWebhookURL("the host is not a valid name") from exc
     default = 443 if scheme == "https" else 80
-    return Target(scheme, parts.hostname.lower(), port or default, url)
+    return Target(scheme, host, port or default, url)
 
 
 def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -43,6 +43,9 @@ from tierq.webhooks import (
 
 log = logging.getLogger(__name__)
 app = broker.get_celery()
+# A malformed TIERQ_WEBHOOK_* variable stops the worker and relay at start, not each job's
+# end (the outbox row is written in the job's own transaction).
+webhook_settings()
 PUBLISH_BATCH = 1000
 LOG_KEEP = 50  # attempts kept in a delivery's log (the count is kept in full)
 ERROR_CHARS = 300

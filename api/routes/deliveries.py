@@ -16,9 +16,10 @@ from api.routes.jobs import load_job
 from api.schemas import utc
 from tierq.db import session_scope
 from tierq.models import WebhookDelivery
-from tierq.webhooks import DeliveryStatus, redeliver
+from tierq.webhooks import DeliveryStatus, redeliver, webhook_settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["webhooks"])
+webhook_settings()  # a malformed TIERQ_WEBHOOK_* variable stops the API at start
 
 
 class DeliveryAttempt(BaseModel):
