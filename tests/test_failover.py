@@ -267,3 +267,40 @@ def test_disabled_backend_receives_no_call(tmp_path: Path) -> None:
         assert run_jobs(d, 1)[0]["served_by"]["backend"] == "gpu-sim"
         unknown = httpx.post(f"{d.stack.api_url}/v1/admin/backends/nope/disable", headers=headers)
         assert unknown.status_code == 404
+
+
+def minimal_config(urls: dict[str, str]) -> dict[str, Any]:
+    config = breaker_config(urls)
+    config["tiers"] = config["tiers"][:1]
+    config["minimal"] = {
+        "cache_max_age": 600,
+        "rules": "tests.rules_responder:opening_hours",
+        "static_message": "Sorry, the assistant is down.",
+    }
+    config["on_exhausted"] = "degrade"
+    return config
+
+
+def test_minimal_tier_answers_cached_then_rules_then_static(tmp_path: Path) -> None:
+    with deployment(tmp_path, config=minimal_config) as d:
+        start(d, "gpu")
+        with d.client() as client:
+
+            def ask(content: str) -> dict[str, Any]:
+                job = d.submit(client, content).json()
+                return client.get(f"/v1/jobs/{job['id']}", params={"wait": 30}).json()
+
+            fresh = ask("what is   tierq?")
+            assert fresh["served_by"]["quality"] == "full"
+            d.fault("gpu-sim", mode="error_500")
+            cached = ask("what is tierq?")  # the same question, whitespace aside
+            rules = ask("what are your opening hours?")
+            static = ask("something nobody asked before")
+        answer = fresh["result"]["choices"][0]["message"]["content"]
+        assert cached["served_by"]["quality"] == "cached"
+        assert cached["result"]["choices"][0]["message"]["content"] == answer
+        assert cached["served_by"]["backend"] == fresh["id"]  # which answer it reused
+        assert rules["served_by"]["quality"] == "rules"
+        assert rules["result"]["choices"][0]["message"]["content"] == "We are open 9 to 5."
+        assert static["served_by"]["quality"] == "static"
+        assert static["result"]["choices"][0]["message"]["content"].startswith("Sorry")
