@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from tierq.db import session_scope
@@ -29,11 +30,12 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _lookup(key: str) -> Caller | None:
-    digest = hash_key(key)
-    cached = _cache.get(digest)
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
+def _cached(digest: str) -> Caller | None:
+    hit = _cache.get(digest)
+    return hit[1] if hit and hit[0] > time.monotonic() else None
+
+
+def _load(key: str, digest: str) -> Caller | None:
     with session_scope() as session:
         row = find_key(session, key)
         caller = Caller(row.id, row.is_admin) if row else None
@@ -42,12 +44,15 @@ def _lookup(key: str) -> Caller | None:
     return caller
 
 
-def current_caller(request: Request) -> Caller:
+async def current_caller(request: Request) -> Caller:
+    # async, so a cached key costs no trip through the thread pool on every request
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         raise _unauthorized("Send an API key as 'Authorization: Bearer <key>'.")
-    caller = _lookup(key.strip())
+    digest = hash_key(key)
+    caller = _cached(digest) or await run_in_threadpool(_load, key, digest)
     if caller is None:
         raise _unauthorized("The API key is not valid.")
     return caller

@@ -53,5 +53,47 @@ def test_visibility_timeout_outlasts_the_longest_job() -> None:
 def test_the_zero_install_broker_polls_fast(tmp_path) -> None:  # type: ignore[no-untyped-def]
     app = Celery("check", set_as_current=False)
     configure(app, Settings(home=tmp_path, broker_url=""))
-    assert app.conf.broker_url == "filesystem://"
+    assert app.conf.broker_url == "atomicfs://"
     assert app.conf.broker_transport_options["polling_interval"] <= 0.1
+
+
+def test_folder_broker_never_shows_a_half_written_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kombu's own filesystem transport creates the file before writing it; a consumer
+    that lists the folder in between reads an empty message and its worker dies."""
+    import os
+    import threading
+
+    app = Celery("check", set_as_current=False)
+    configure(app, Settings(home=tmp_path, broker_url=""))
+    folder = app.conf.broker_transport_options["data_folder_in"]
+    seen_partial: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for name in os.listdir(folder):
+                if name.endswith(".msg"):
+                    path = os.path.join(folder, name)
+                    try:
+                        if os.path.getsize(path) == 0:
+                            seen_partial.append(name)
+                    except FileNotFoundError:
+                        pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with Connection(
+        app.conf.broker_url, transport_options=app.conf.broker_transport_options
+    ) as conn:
+        queue = conn.SimpleQueue("gpu")
+        payload = {"job": "x" * 100_000}
+        for _ in range(200):
+            queue.put(payload)
+        got = [queue.get(timeout=2) for _ in range(200)]
+        for message in got:
+            message.ack()
+        queue.close()
+    stop.set()
+    watcher.join()
+    assert seen_partial == []
+    assert all(m.payload == payload for m in got)

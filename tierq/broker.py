@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from tierq import folder_transport
 from tierq.config import EMERGENCY_QUEUE
 from tierq.settings import Settings, get_settings
 
@@ -29,7 +30,7 @@ RELAY_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "int
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     url = settings.effective_broker_url
-    if url.startswith("filesystem"):
+    if url.startswith((folder_transport.SCHEME, "filesystem")):
         folder = settings.broker_folder
         for sub in ("queue", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL; empty means SQLite under TIERQ_HOME."
     )
     broker_url: str = Field(
-        "", description="Celery broker URL; empty means kombu's filesystem transport under home."
+        "",
+        description="Celery broker URL; empty: a folder broker (kombu filesystem) under home.",
     )
     config: Path | None = Field(None, description="Tier configuration YAML; empty: built-in.")
 
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "atomicfs://"  # tierq.folder_transport
 
     @property
     def broker_folder(self) -> Path:

@@ -28,7 +28,7 @@ class BrokerEpoch:
         )
         self._file = (
             settings.broker_folder / "queue" / ".tierq-epoch"
-            if url.startswith("filesystem")
+            if url.startswith(("atomicfs", "filesystem"))
             else None
         )
         self._seen = False
