@@ -47,6 +47,8 @@ def bench_submit(env: dict[str, str], logs: Path, key: str, requests: int) -> No
             "--log-level",
             "warning",
             "--no-access-log",
+            "--timeout-keep-alive",
+            "75",
         ],
         env,
         logs / "baseline.log",

@@ -27,7 +27,15 @@ def main() -> None:
 @click.option("--host", default=None, help="Interface to bind (default TIERQ_API_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default TIERQ_API_PORT, 8000).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Server processes.")
-def api(host: str | None, port: int | None, workers: int) -> None:
+@click.option(
+    "--keep-alive",
+    type=int,
+    default=75,
+    show_default=True,
+    help="Idle seconds a client connection is kept; above a load balancer's idle "
+    "timeout, so it never reuses a connection we just closed.",
+)
+def api(host: str | None, port: int | None, workers: int, keep_alive: int) -> None:
     """Serve the HTTP API (uvicorn)."""
     import uvicorn
 
@@ -37,6 +45,7 @@ def api(host: str | None, port: int | None, workers: int) -> None:
         host=host or settings.api_host,
         port=port or settings.api_port,
         workers=workers,
+        timeout_keep_alive=keep_alive,
         log_level="warning",
         access_log=False,
     )
