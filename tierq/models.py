@@ -136,6 +136,12 @@ class Job(Base):
     pinned_backend: Mapped[str | None] = mapped_column(String(128))
 
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases that ran out because their worker died mid-job: a job whose every delivery
+    # kills its worker is a poison job. Retries, escalations and replays do not count.
+    lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The backend this job's worker is calling right now (NULL between calls): running
+    # jobs with a live lease and this set are a backend's calls in flight.
+    calling_backend: Mapped[str | None] = mapped_column(String(128), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     tier_attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
