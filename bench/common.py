@@ -28,6 +28,14 @@ class Run:
     def throughput(self) -> float:
         return self.requests / self.seconds
 
+    @classmethod
+    def merged(cls, runs: list[Run]) -> Run:
+        return cls(
+            sum(r.requests for r in runs),
+            sum(r.seconds for r in runs),
+            [latency for r in runs for latency in r.latencies],
+        )
+
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
