@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event as sa_event
 
 from tests.stack import pg_connect
 
@@ -200,3 +204,72 @@ def test_long_poll_returns_at_the_limit_for_an_unfinished_job(
     assert 0.9 < time.monotonic() - started < 3
     too_long = client.get(f"/v1/jobs/{job['id']}", params={"wait": 61}, headers=auth(api_key))
     assert too_long.status_code == 422 and too_long.json()["errors"][0]["field"] == "wait"
+
+
+# --- races between a reader and a committing worker, made deterministic ---------------
+
+
+@contextmanager
+def after_statement(matching: str, action: Callable[[], None]) -> Iterator[threading.Event]:
+    """Run ``action`` once, right after the first statement containing ``matching`` has
+    run on tierq's engine: the commit a worker might make at exactly that moment."""
+    from tierq.db import get_engine
+
+    engine = get_engine()
+    fired = threading.Event()
+
+    def hook(*_args: object) -> None:
+        statement = str(_args[2])
+        if matching in statement and not fired.is_set():
+            fired.set()  # first: the action's own statements must not fire it again
+            action()
+
+    sa_event.listen(engine, "after_cursor_execute", hook)
+    try:
+        yield fired
+    finally:
+        sa_event.remove(engine, "after_cursor_execute", hook)
+
+
+def end_job(job_id: str, **detail: object) -> None:
+    """What a worker's answer does to a job, in one transaction: status, event, notify."""
+    from sqlalchemy import update
+
+    from tierq.db import db_now, session_scope
+    from tierq.events import notify_job_changed, record_event
+    from tierq.models import Job
+
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(status="succeeded", finished_at=db_now(), updated_at=db_now())
+        )
+        record_event(session, job_id, "answered", **detail)
+        notify_job_changed(session, job_id)
+
+
+def test_long_poll_hears_an_end_that_commits_while_it_reads_the_job(
+    client: TestClient, api_key: str
+) -> None:
+    from api.waiters import SAFETY_RECHECK
+
+    job_id = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"]
+    waiters = client.app.state.waiters  # type: ignore[attr-defined]
+
+    def end_and_wait_for_the_notification() -> None:
+        end_job(job_id)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if any(e.is_set() for e in waiters._events.get(job_id, ())):
+                return
+            time.sleep(0.01)
+
+    with after_statement("FROM jobs \nWHERE jobs.id", end_and_wait_for_the_notification) as fired:
+        started = time.monotonic()
+        polled = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}, headers=auth(api_key))
+        elapsed = time.monotonic() - started
+    assert fired.is_set()
+    assert polled.json()["status"] == "succeeded"
+    # Woken by the notification, not by the safety re-check that comes SAFETY_RECHECK later.
+    assert elapsed < SAFETY_RECHECK - 1

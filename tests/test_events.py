@@ -99,3 +99,25 @@ def test_tierq_watch_follows_a_job(tmp_path: Path) -> None:
         assert watched.returncode == 0, watched.stderr
         assert "claimed" in watched.stdout and "answered" in watched.stdout
         assert "You said: hi" in watched.stdout
+
+
+def test_a_terminal_status_is_never_read_without_the_final_event(
+    env: dict[str, str], api_key: str
+) -> None:
+    """The worker commits the final event and the terminal status between the reader's two
+    statements: whatever the reader returns, a terminal status comes with that event."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.routes.events import _since
+    from tests.test_api import BODY, after_statement, auth, end_job
+
+    with TestClient(create_app()) as client:
+        job_id = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"]
+    with after_statement("FROM job", lambda: end_job(job_id, backend="b")) as fired:
+        events, status = _since(uuid.UUID(job_id), 0)
+    assert fired.is_set()
+    kinds = [e.kind for e in events]
+    assert status != "succeeded" or kinds[-1:] == ["answered"], (status, kinds)
+    events, status = _since(uuid.UUID(job_id), 0)  # and the next read has both
+    assert status == "succeeded" and [e.kind for e in events][-1] == "answered"

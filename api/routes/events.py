@@ -36,7 +36,15 @@ def _frame(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
 
 
 def _since(job_id: uuid.UUID, after: int) -> tuple[list[JobEvent], str]:
+    """The events after ``after``, and the job's status as it was before they were read.
+
+    Status first: each statement has its own snapshot (READ COMMITTED), and the final
+    event commits with the terminal status, so a terminal status read first guarantees
+    the events read next include the final one. Read the other way round, a commit in
+    between would end the stream without its last event.
+    """
     with session_scope() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
         events = list(
             session.scalars(
                 select(JobEvent)
@@ -44,7 +52,6 @@ def _since(job_id: uuid.UUID, after: int) -> tuple[list[JobEvent], str]:
                 .order_by(JobEvent.id)
             )
         )
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
     return events, status or ""
 
 

@@ -75,11 +75,13 @@ async def wait_for_end(
     until = loop.time() + wait
     with waiters.watch(str(job_id)) as event:
         while True:
+            # Cleared before the job is read: a notification that arrives while it is read
+            # sets the event again, so the wait below returns at once instead of missing it.
+            event.clear()
             job = await run_in_threadpool(load_job, caller, job_id)
             remaining = until - loop.time()
             if job.status in stop_at or remaining <= 0:
                 return job
-            event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), min(remaining, waiters.recheck_seconds))
 
