@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,15 +12,20 @@ from typing import Any
 
 import httpx
 import yaml
+from celery import Celery
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tests import ledger
 from tests.services import PostgresCluster, RedisServer, SharedDatabase, wait_until
 from tests.simulator_fixture import running_simulator
 from tests.stack import Stack
+from tierq import broker
 from tierq.db import make_engine
 from tierq.keys import create_key
 from tierq.migrate import upgrade
+from tierq.models import Job, JobEvent
+from tierq.settings import Settings
 
 FAST_TIMINGS = {
     "TIERQ_LEASE_SECONDS": "3",
@@ -39,6 +45,7 @@ class Deployment:
     key: str = ""
     config_file: Path | None = None
     jobs: list[str] = field(default_factory=list)
+    home: Path | None = None
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -62,6 +69,63 @@ class Deployment:
 
     def ledger(self) -> ledger.Ledger:
         return ledger.read(self.database_url, self.jobs)
+
+    def broker_settings(self) -> Settings:
+        """The settings the deployment's processes run with, for its broker."""
+        return Settings(
+            home=self.stack.env["TIERQ_HOME"], broker_url=self.stack.env["TIERQ_BROKER_URL"]
+        )
+
+    def celery(self) -> Celery:
+        """A Celery app on this deployment's broker (not the test process's own settings)."""
+        app = Celery("test-publisher", set_as_current=False)
+        broker.configure(app, self.broker_settings())
+        return app
+
+    def publish(self, job_id: str, queue: str) -> None:
+        """Ring the job's doorbell once more, on the deployment's broker: a duplicate."""
+        with self.celery() as app:
+            app.send_task(
+                broker.RUN_JOB,
+                args=[job_id],
+                queue=broker._direct(queue),
+                retry=True,
+                retry_policy=broker.FAST_PATH_RETRY,
+            )
+
+    def queued_messages(self, queue: str) -> int:
+        """Messages waiting in the broker queue (not those a worker reserved)."""
+        if self.redis is not None:
+            return int(self.redis.client().llen(queue))
+        folder = self.broker_settings().broker_folder / "queue"
+        return len(list(folder.glob(f"*.{queue}.msg")))
+
+    def job(self, job_id: str) -> dict[str, object]:
+        """The job's row, as the database has it now."""
+        engine = make_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(select(Job).where(Job.id == uuid.UUID(job_id))).one()
+        finally:
+            engine.dispose()
+        return dict(row._mapping)
+
+    def events(self, kind: str) -> dict[str, int]:
+        """How many events of ``kind`` each of the test's jobs has (jobs with none left out)."""
+        engine = make_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(JobEvent.job_id, func.count().label("n"))
+                    .where(
+                        JobEvent.kind == kind,
+                        JobEvent.job_id.in_([uuid.UUID(j) for j in self.jobs]),
+                    )
+                    .group_by(JobEvent.job_id)
+                ).all()
+        finally:
+            engine.dispose()
+        return {str(row.job_id): int(row.n) for row in rows}
 
     def wait_finished(self, timeout: float = 60) -> ledger.Ledger:
         wait_until(
@@ -119,19 +183,22 @@ def deployment(
     mode: str = "postgres-redis",
     config: Callable[[dict[str, str]], dict[str, Any]] = two_tiers,
     simulators: tuple[str, ...] = ("gpu-sim", "cpu-sim"),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Deployment]:
     """``mode``: postgres-redis, or sqlite-filesystem (the zero-install default), or
-    throwaway-postgres (a Postgres of its own that the test may stop)."""
+    throwaway-postgres (a Postgres of its own that the test may stop). ``env`` overrides
+    settings of every process (e.g. one of FAST_TIMINGS)."""
+    overrides = env or {}
     with ExitStack() as stack:
-        env = {**os.environ, **FAST_TIMINGS, "TIERQ_HOME": str(folder)}
+        process_env = {**os.environ, **FAST_TIMINGS, **overrides, "TIERQ_HOME": str(folder)}
         redis = postgres = None
         if mode == "sqlite-filesystem":
             url = f"sqlite:///{folder / 'tierq.db'}"
-            env["TIERQ_BROKER_URL"] = ""
+            process_env["TIERQ_BROKER_URL"] = ""
         else:
             redis = RedisServer()
             stack.callback(redis.stop)
-            env["TIERQ_BROKER_URL"] = redis.url
+            process_env["TIERQ_BROKER_URL"] = redis.url
             if mode == "throwaway-postgres":
                 postgres = PostgresCluster()
                 stack.callback(postgres.destroy)
@@ -140,14 +207,21 @@ def deployment(
                 database = SharedDatabase()
                 stack.callback(database.drop)
                 url = database.url
-        env["TIERQ_DATABASE_URL"] = url
+        process_env["TIERQ_DATABASE_URL"] = url
         upgrade(url)
         urls = {name: stack.enter_context(running_simulator(name)) for name in simulators}
         config_file = folder / "tiers.yaml"
         config_file.write_text(yaml.safe_dump(config(urls)))
-        env["TIERQ_CONFIG"] = str(config_file)
-        processes = Stack(env, folder)
+        process_env["TIERQ_CONFIG"] = str(config_file)
+        processes = Stack(process_env, folder)
         stack.callback(processes.stop)
         yield Deployment(
-            processes, url, urls, redis, postgres, key=_make_key(url), config_file=config_file
+            processes,
+            url,
+            urls,
+            redis,
+            postgres,
+            key=_make_key(url),
+            config_file=config_file,
+            home=folder,
         )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from tierq.db import make_engine
-from tierq.models import TERMINAL_STATUSES, Job, Turn
+from tierq.models import TERMINAL_STATUSES, Job, JobStatus, Turn
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,15 @@ class Ledger:
     lost: int
     answered_twice: int
     statuses: dict[str, int]
+    # Jobs whose stored answer disagrees with the conversation: a succeeded job whose
+    # result is not its one assistant turn, or a job that did not succeed yet has one.
+    mismatched: int = 0
 
     def __str__(self) -> str:
         return (
             f"{self.accepted} accepted, {self.finished} finished, {self.lost} lost, "
-            f"{self.answered_twice} answered twice; {self.statuses}"
+            f"{self.answered_twice} answered twice, {self.mismatched} mismatched answers; "
+            f"{self.statuses}"
         )
 
 
@@ -31,19 +36,8 @@ def read(url: str, job_ids: list[str]) -> Ledger:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            jobs = conn.execute(
-                select(Job.id, Job.status, Job.conversation_id, Job.answer_seq).where(
-                    Job.id.in_(ids)
-                )
-            ).all()
-            answers = {
-                (row.conversation_id, row.seq): row.n
-                for row in conn.execute(
-                    select(Turn.conversation_id, Turn.seq, func.count().label("n"))
-                    .where(Turn.role == "assistant")
-                    .group_by(Turn.conversation_id, Turn.seq)
-                )
-            }
+            jobs = conn.execute(select(Job.id, Job.status, Job.result).where(Job.id.in_(ids))).all()
+            answers = _answer_turns(conn, ids)
     finally:
         engine.dispose()
     statuses: dict[str, int] = {}
@@ -54,11 +48,32 @@ def read(url: str, job_ids: list[str]) -> Ledger:
         accepted=len(ids),
         finished=finished,
         lost=len(ids) - finished,
-        answered_twice=sum(
-            1 for j in jobs if answers.get((j.conversation_id, j.answer_seq), 0) > 1
-        ),
+        answered_twice=sum(1 for j in jobs if len(answers.get(j.id, [])) > 1),
         statuses=statuses,
+        mismatched=sum(
+            1 for j in jobs if not _answer_matches(j.status, j.result, answers.get(j.id, []))
+        ),
     )
+
+
+def _answer_turns(conn: Any, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[str]]:
+    """Every assistant turn written for each job, by the turn's own job_id: a second
+    answer would show here even if it landed at another position of the conversation."""
+    answers: dict[uuid.UUID, list[str]] = {}
+    rows = conn.execute(
+        select(Turn.job_id, Turn.content).where(Turn.role == "assistant", Turn.job_id.in_(ids))
+    )
+    for row in rows:
+        answers.setdefault(row.job_id, []).append(row.content)
+    return answers
+
+
+def _answer_matches(status: str, result: dict[str, Any] | None, turns: list[str]) -> bool:
+    if status != JobStatus.SUCCEEDED:
+        return not turns
+    if result is None or len(turns) != 1:
+        return False
+    return bool(result["choices"][0]["message"]["content"] == turns[0])
 
 
 def open_count(url: str, job_ids: list[str]) -> int:
