@@ -5,6 +5,9 @@ PUT /_sim/faults    replace the faults (absent fields take their defaults); 422 
 PATCH /_sim/faults  change only the fields given
 POST /_sim/reset    back to the initial faults, counters zeroed
 GET /_sim/stats     requests received per endpoint and in total, faults served, concurrency
+POST /_sim/stats/reset  counters and request log zeroed, faults kept
+GET /_sim/requests  the latest requests received, oldest first: endpoint, wall-clock time,
+                    the fault served and the JSON body (what a client really sent)
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def _dispatch(app: SimulatorApp, method: str, path: str, body: bytes) -> Reply:
         return _state(app)
     if path == "/_sim/stats" and method == "GET":
         return json_reply(200, {"name": app.name} | app.stats.snapshot())
+    if path == "/_sim/stats/reset" and method == "POST":
+        app.stats.reset()
+        return json_reply(200, {"name": app.name} | app.stats.snapshot())
+    if path == "/_sim/requests" and method == "GET":
+        return json_reply(200, {"name": app.name, "requests": app.stats.requests()})
     if path == "/_sim/reset" and method == "POST":
         app.faults.reset()
         app.stats.reset()

@@ -105,6 +105,7 @@ class SimulatorApp:
         body = await read_body(receive)
         wire = self.wires[route.protocol or _protocol_by_headers(scope)]
         mode = self.faults.draw(route.is_chat)
+        self.stats.logged(route.endpoint, body, mode)
         self.stats.enter()
         try:
             await self._answer(route, wire, mode, body, receive, send)
@@ -147,6 +148,8 @@ class SimulatorApp:
             return wire.malformed(wire.wants_stream(body))
         if mode is Mode.WRONG_SHAPE:
             return wire.wrong_shape(wire.wants_stream(body))
+        if mode is Mode.BAD_REQUEST:
+            return wire.bad_request(settings.error_message)
         # Mode.CONTEXT_LENGTH: the error names the prompt's size, so the body is parsed.
         try:
             prompt_tokens = wire.parse_chat(body).prompt_tokens

@@ -46,6 +46,15 @@ class SimulatorControl:
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/_sim/stats")
 
+    def reset_stats(self) -> dict[str, Any]:
+        """Counters and request log zeroed; the faults stay as they are."""
+        return self._call("POST", "/_sim/stats/reset")
+
+    def requests(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """The latest requests received, oldest first, optionally only one endpoint's."""
+        log = self._call("GET", "/_sim/requests")["requests"]
+        return [r for r in log if endpoint is None or r["endpoint"] == endpoint]
+
     def received(self, endpoint: str | None = None) -> int:
         """Requests received in total, or on one endpoint such as ``POST /v1/messages``."""
         stats = self.stats()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -28,6 +30,14 @@ class Mode(StrEnum):
     MALFORMED = "malformed"  # 200 whose body is not valid JSON
     WRONG_SHAPE = "wrong_shape"  # 200 with valid JSON that is not the protocol's shape
     CONTEXT_LENGTH = "context_length"  # 400 with the protocol's own context-length error
+    BAD_REQUEST = "bad_request"  # 400 with the protocol's own invalid-request error
+
+
+# Modes that only make sense for a chat request: a liveness endpoint has no prompt to reject.
+CHAT_ONLY_MODES = frozenset({Mode.CONTEXT_LENGTH, Mode.BAD_REQUEST})
+DEFAULT_BAD_REQUEST = "Unsupported parameter: 'logit_bias' is not supported with this model."
+# Requests kept for GET /_sim/requests; older ones are dropped, so a long benchmark stays small.
+REQUEST_LOG_SIZE = 2000
 
 
 class FaultSettings(BaseModel):
@@ -50,6 +60,11 @@ class FaultSettings(BaseModel):
         default=None,
         ge=1,
         description="Longer prompts get the context-length error even in ok mode.",
+    )
+    error_message: str = Field(
+        default=DEFAULT_BAD_REQUEST,
+        min_length=1,
+        description="The reason bad_request gives, in the protocol's error shape.",
     )
     scope: Literal["all", "chat"] = Field(
         default="all",
@@ -93,8 +108,7 @@ class FaultState:
     def _applies(self, mode: Mode, is_chat: bool) -> bool:
         if is_chat:
             return True
-        # A liveness endpoint has no prompt, so it cannot be too long.
-        return self.settings.scope == "all" and mode is not Mode.CONTEXT_LENGTH
+        return self.settings.scope == "all" and mode not in CHAT_ONLY_MODES
 
     def snapshot(self) -> dict[str, Any]:
         data = self.settings.model_dump(mode="json")
@@ -102,17 +116,48 @@ class FaultState:
         return data
 
 
+@dataclass(frozen=True)
+class Received:
+    """One request as it arrived: what a test reads to see what a client really sent."""
+
+    seq: int
+    endpoint: str
+    at: float  # wall-clock seconds (time.time()), comparable across processes on one host
+    body: bytes
+    fault: Mode
+
+    def snapshot(self) -> dict[str, Any]:
+        try:
+            body: Any = json.loads(self.body) if self.body else None
+        except ValueError:
+            body = self.body.decode("utf-8", "replace")
+        return {
+            "seq": self.seq,
+            "endpoint": self.endpoint,
+            "at": self.at,
+            "fault": self.fault.value,
+            "body": body,
+        }
+
+
 class Stats:
-    """Requests received per endpoint (admin calls excluded), faults served, concurrency."""
+    """Requests received per endpoint (admin calls excluded), faults served, concurrency,
+    and a log of the latest requests with their bodies."""
 
     def __init__(self) -> None:
         self.endpoints: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.log: deque[Received] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._seq = 0
 
     def received(self, endpoint: str) -> None:
         self.endpoints[endpoint] += 1
+
+    def logged(self, endpoint: str, body: bytes, fault: Mode) -> None:
+        self._seq += 1
+        self.log.append(Received(self._seq, endpoint, time.time(), body, fault))
 
     def faulted(self, mode: Mode) -> None:
         self.faults[mode.value] += 1
@@ -125,8 +170,10 @@ class Stats:
         self.in_flight -= 1
 
     def reset(self) -> None:
+        """Counters and log back to zero; requests still open keep counting as in flight."""
         self.endpoints.clear()
         self.faults.clear()
+        self.log.clear()
         self.max_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
@@ -137,6 +184,9 @@ class Stats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
         }
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [entry.snapshot() for entry in self.log]
 
 
 def env_key(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -354,3 +355,86 @@ def _wait_for(url: str, timeout: float = 10.0) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise TimeoutError(url)
+
+
+# -- bad_request, the request log, counters reset alone ---------------------------------
+REASON = "temperature: must be at most 1 for this model"
+
+
+def test_bad_request_in_each_protocols_error_shape(
+    base_url: str, oai: openai.OpenAI, claude: anthropic.Anthropic, control: SimulatorControl
+) -> None:
+    control.set_faults(mode="bad_request", error_message=REASON)
+    with pytest.raises(openai.BadRequestError) as openai_error:
+        oai.chat.completions.create(model="m", messages=CHAT)
+    assert openai_error.value.body == {  # type: ignore[comparison-overlap]
+        "message": REASON,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    with pytest.raises(anthropic.BadRequestError) as anthropic_error:
+        claude.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    body = anthropic_error.value.body
+    assert body["error"] == {"type": "invalid_request_error", "message": REASON}  # type: ignore[index]
+    ollama = httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY)
+    assert (ollama.status_code, ollama.json()) == (400, {"error": REASON})
+    # A liveness probe has no request to reject: it keeps answering.
+    assert httpx.get(f"{base_url}/api/version").status_code == 200
+    assert control.stats()["faults"] == {"bad_request": 3}
+
+
+def test_bad_request_has_a_default_reason(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(mode="bad_request")
+    answer = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "m", "messages": CHAT})
+    assert answer.status_code == 400
+    assert "not supported" in answer.json()["error"]["message"]
+    assert httpx.put(f"{base_url}/_sim/faults", json={"error_message": ""}).status_code == 422
+
+
+def test_request_log_keeps_what_clients_sent(base_url: str, control: SimulatorControl) -> None:
+    before = time.time()
+    body = {"model": "m", "messages": CHAT, "max_tokens": 7, "temperature": 0}
+    httpx.post(f"{base_url}/v1/chat/completions", json=body)
+    control.set_faults(mode="error_500")
+    httpx.get(f"{base_url}/api/tags")
+    httpx.post(f"{base_url}/v1/messages", content=b"not json")
+    log = control.requests()
+    assert [(r["endpoint"], r["fault"]) for r in log] == [
+        ("POST /v1/chat/completions", "ok"),
+        ("GET /api/tags", "error_500"),
+        ("POST /v1/messages", "error_500"),
+    ]
+    assert log[0]["body"] == body
+    assert log[1]["body"] is None and log[2]["body"] == "not json"
+    assert before <= log[0]["at"] <= log[1]["at"] <= log[2]["at"] <= time.time()
+    first = log[0]["seq"]  # never reused, across resets too
+    assert [r["seq"] for r in log] == [first, first + 1, first + 2]
+    assert control.requests("GET /api/tags") == [log[1]]
+
+
+def test_stats_reset_keeps_the_faults(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(mode="overloaded", latency_ms=1)
+    httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY)
+    assert control.received() == 1
+    stats = control.reset_stats()
+    assert (stats["total"], stats["max_in_flight"], stats["faults"]) == (0, 0, {})
+    assert control.requests() == []
+    assert control.state()["faults"]["mode"] == "overloaded"
+    assert httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY).status_code == 503
+
+
+def test_max_in_flight_counts_concurrent_requests(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(latency_ms=300)
+    url = f"{base_url}/v1/chat/completions"
+
+    async def three_at_once() -> None:
+        async with httpx.AsyncClient() as client:
+            body = {"model": "m", "messages": CHAT}
+            await asyncio.gather(*(client.post(url, json=body) for _ in range(3)))
+
+    asyncio.run(three_at_once())
+    assert control.stats()["max_in_flight"] == 3
+    control.reset_stats()
+    httpx.post(url, json={"model": "m", "messages": CHAT})
+    assert control.stats()["max_in_flight"] == 1
