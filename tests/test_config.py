@@ -40,6 +40,30 @@ def test_version_changes_with_the_file() -> None:
         ("tiers: []", "tiers"),
         ("- just a list", "expected a mapping"),
         ("tiers: [", "not valid YAML"),
+        (
+            GOOD.replace("model: m}", "model: m, larger_context: a}", 1),
+            "tiers.0.backends.0.larger_context: a → a is a cycle",
+        ),
+        (
+            GOOD.replace("model: m}", "model: m, larger_context: b}", 1).replace(
+                "model: m}", "model: m, larger_context: a}"
+            ),
+            "tiers.0.backends.0.larger_context: a → b → a is a cycle",
+        ),
+        (
+            GOOD.replace(
+                "  - name: cpu", "    retry: {base_delay: 5, max_delay: 1}\n  - name: cpu"
+            ),
+            "tiers.0.retry.max_delay: 1 is less than base_delay 5",
+        ),
+        (
+            GOOD + "minimal: {rules: 'tests.no_such_module:answer'}\n",
+            "minimal.rules: cannot import 'tests.no_such_module'",
+        ),
+        (
+            GOOD + "minimal: {rules: 'tests.rules_responder:no_such_rule'}\n",
+            "minimal.rules: 'tests.rules_responder' has no callable 'no_such_rule'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(text: str, names: str) -> None:
@@ -61,3 +85,18 @@ def test_config_check_command(tmp_path: Path) -> None:
     )
     assert failed.returncode != 0
     assert "tiers.0.backends.0.modle" in failed.stderr
+
+
+def test_larger_context_chain_without_a_cycle_is_accepted() -> None:
+    text = GOOD.replace("model: m}", "model: m, larger_context: b}", 1)
+    assert parse_config(text).backends["a"].larger_context == "b"
+
+
+def test_rules_callable_that_exists_is_accepted() -> None:
+    text = GOOD + "minimal: {rules: 'tests.rules_responder:opening_hours'}\n"
+    assert parse_config(text).minimal.rules == "tests.rules_responder:opening_hours"
+
+
+def test_equal_base_and_max_delay_is_accepted() -> None:
+    text = GOOD.replace("  - name: cpu", "    retry: {base_delay: 2, max_delay: 2}\n  - name: cpu")
+    assert parse_config(text).tiers[0].retry.max_delay == 2

@@ -6,6 +6,7 @@ Validated at load time; every error names the key it is about (``tiers.0.backend
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from functools import cached_property
 from importlib import resources
@@ -13,7 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 EMERGENCY_QUEUE = "emergency"
 RESERVED_NAMES = {EMERGENCY_QUEUE, "minimal", "webhooks"}
@@ -86,6 +96,14 @@ class RetryConfig(_Strict):
         0.2, ge=0, le=1, description="Retries at most this share of a backend's calls."
     )
 
+    @field_validator("max_delay")
+    @classmethod
+    def _not_below_base_delay(cls, max_delay: float, info: ValidationInfo) -> float:
+        base_delay = info.data.get("base_delay")
+        if base_delay is not None and base_delay > max_delay:
+            raise ValueError(f"{max_delay:g} is less than base_delay {base_delay:g}")
+        return max_delay
+
 
 class DegradeConfig(_Strict):
     """What changes in a request when it reaches this tier from an earlier one."""
@@ -108,6 +126,27 @@ class MinimalConfig(_Strict):
     cache_max_age: float = Field(3600.0, ge=0)
     rules: str | None = Field(None, pattern=r"^[\w.]+:[\w]+$")
     static_message: str | None = None
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_callable_exists(cls, rules: str | None) -> str | None:
+        # Found at config check, not by the first job that needs it during an outage.
+        if rules is not None:
+            load_callable(rules)
+        return rules
+
+
+def load_callable(path: str) -> object:
+    """The callable named by ``module:name``; ValueError saying why it cannot be had."""
+    module_name, _, name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure makes the rules unusable
+        raise ValueError(f"cannot import '{module_name}': {exc}") from exc
+    target = getattr(module, name, None)
+    if not callable(target):
+        raise ValueError(f"'{module_name}' has no callable '{name}'")
+    return target
 
 
 class EmergencyConfig(_Strict):
@@ -144,6 +183,24 @@ class TierqConfig(_Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _larger_context_chains_end(self) -> TierqConfig:
+        """A request that does not fit moves along larger_context; a cycle would move it
+        forever."""
+        following = {b.name: b.larger_context for t in self.tiers for b in t.backends}
+        for i, tier in enumerate(self.tiers):
+            for j, backend in enumerate(tier.backends):
+                chain = [backend.name]
+                # Every member of a cycle comes back to itself; that member is named.
+                while (step := following.get(chain[-1])) is not None and step not in chain[1:]:
+                    if step == backend.name:
+                        loop = " → ".join([*chain, step])
+                        raise ValueError(
+                            f"tiers.{i}.backends.{j}.larger_context: {loop} is a cycle"
+                        )
+                    chain.append(step)
+        return self
+
     @property
     def tier_names(self) -> list[str]:
         return [t.name for t in self.tiers]
@@ -175,7 +232,9 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(message if message.startswith(("tiers.", "backend")) else f"{key}: {message}")
+        # Whole-file checks name their key in the message themselves.
+        named = not item["loc"] or message.startswith(("tiers.", "backend"))
+        lines.append(message if named else f"{key}: {message}")
     return "; ".join(lines)
 
 
