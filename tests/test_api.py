@@ -210,28 +210,32 @@ def test_long_poll_returns_at_the_limit_for_an_unfinished_job(
 
 
 @contextmanager
-def after_statement(matching: str, action: Callable[[], None]) -> Iterator[threading.Event]:
-    """Run ``action`` once, right after the first statement containing ``matching`` has
-    run on tierq's engine: the commit a worker might make at exactly that moment."""
+def on_statement(
+    matching: str, action: Callable[[], None], when: str = "after"
+) -> Iterator[threading.Event]:
+    """Run ``action`` once, right ``when`` (before or after) the first statement containing
+    ``matching`` runs on tierq's engine: the commit a worker might make at that moment."""
     from tierq.db import get_engine
 
     engine = get_engine()
     fired = threading.Event()
 
-    def hook(*_args: object) -> None:
-        statement = str(_args[2])
-        if matching in statement and not fired.is_set():
+    def hook(*args: object) -> None:
+        if matching in str(args[2]) and not fired.is_set():
             fired.set()  # first: the action's own statements must not fire it again
             action()
 
-    sa_event.listen(engine, "after_cursor_execute", hook)
+    sa_event.listen(engine, f"{when}_cursor_execute", hook)
     try:
         yield fired
     finally:
-        sa_event.remove(engine, "after_cursor_execute", hook)
+        sa_event.remove(engine, f"{when}_cursor_execute", hook)
 
 
-def end_job(job_id: str, **detail: object) -> None:
+LOAD_JOB = "FROM jobs \nWHERE jobs.id"  # api.routes.jobs.load_job, and nothing else
+
+
+def end_job(job_id: str, values: dict[str, object] | None = None, **detail: object) -> None:
     """What a worker's answer does to a job, in one transaction: status, event, notify."""
     from sqlalchemy import update
 
@@ -243,7 +247,7 @@ def end_job(job_id: str, **detail: object) -> None:
         session.execute(
             update(Job)
             .where(Job.id == uuid.UUID(job_id))
-            .values(status="succeeded", finished_at=db_now(), updated_at=db_now())
+            .values(status="succeeded", finished_at=db_now(), updated_at=db_now(), **(values or {}))
         )
         record_event(session, job_id, "answered", **detail)
         notify_job_changed(session, job_id)
@@ -265,7 +269,7 @@ def test_long_poll_hears_an_end_that_commits_while_it_reads_the_job(
                 return
             time.sleep(0.01)
 
-    with after_statement("FROM jobs \nWHERE jobs.id", end_and_wait_for_the_notification) as fired:
+    with on_statement(LOAD_JOB, end_and_wait_for_the_notification) as fired:
         started = time.monotonic()
         polled = client.get(f"/v1/jobs/{job_id}", params={"wait": 30}, headers=auth(api_key))
         elapsed = time.monotonic() - started

@@ -110,11 +110,11 @@ def test_a_terminal_status_is_never_read_without_the_final_event(
 
     from api.app import create_app
     from api.routes.events import _since
-    from tests.test_api import BODY, after_statement, auth, end_job
+    from tests.test_api import BODY, auth, end_job, on_statement
 
     with TestClient(create_app()) as client:
         job_id = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"]
-    with after_statement("FROM job", lambda: end_job(job_id, backend="b")) as fired:
+    with on_statement("FROM job", lambda: end_job(job_id, backend="b")) as fired:
         events, status = _since(uuid.UUID(job_id), 0)
     assert fired.is_set()
     kinds = [e.kind for e in events]

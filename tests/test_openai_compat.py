@@ -216,12 +216,26 @@ def test_failed_parked_and_cancelled_jobs_are_openai_errors(tmp_path: Path) -> N
         assert len(sent) == 1
 
 
+def read_stream(stream: Any, started: float) -> tuple[list[str], list[float], Any, Any, Any]:
+    """Text pieces, their arrival times, usage, finish_reason and the tierq field."""
+    pieces, arrivals, usage, finish, tierq = [], [], None, None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                arrivals.append(time.monotonic() - started)
+            if choice.finish_reason:
+                finish, tierq = choice.finish_reason, getattr(chunk, "tierq", None)
+    return pieces, arrivals, usage, finish, tierq
+
+
 @pytest.mark.parametrize("mode", ["postgres-redis", "sqlite-filesystem"])
 def test_streaming_through_tierq_with_the_openai_sdk(tmp_path: Path, mode: str) -> None:
     """Tokens arrive as the backend makes them (Redis), or as one chunk (zero-install);
-    either way the streamed answer is persisted like any other."""
-    import time
-
+    either way the streamed answer is persisted like any other, says where it came from,
+    and a repeat with the same Idempotency-Key streams that answer without running again."""
     with deployment(tmp_path, mode) as d:
         d.stack.api()
         d.stack.relay()
@@ -229,19 +243,16 @@ def test_streaming_through_tierq_with_the_openai_sdk(tmp_path: Path, mode: str) 
         d.fault("gpu-sim", tokens_per_second=20)
         client = OpenAI(base_url=f"{d.stack.api_url}/v1", api_key=d.key, max_retries=0)
         question = [{"role": "user", "content": "please stream a few words back to me"}]
+        key = {"Idempotency-Key": f"stream-{uuid.uuid4()}"}
         started = time.monotonic()
         stream = client.chat.completions.create(
-            model="tierq", messages=question, stream=True, stream_options={"include_usage": True}
+            model="tierq",
+            messages=question,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=key,
         )
-        pieces, arrivals, usage, finish = [], [], None, None
-        for chunk in stream:
-            if chunk.usage:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    pieces.append(choice.delta.content)
-                    arrivals.append(time.monotonic() - started)
-                finish = choice.finish_reason or finish
+        pieces, arrivals, usage, finish, tierq = read_stream(stream, started)
         text = "".join(pieces)
         assert "please stream a few words back to me" in text and finish == "stop"
         assert usage is not None and usage.completion_tokens > 0
@@ -249,8 +260,189 @@ def test_streaming_through_tierq_with_the_openai_sdk(tmp_path: Path, mode: str) 
         job = wait_job(d, job_id)
         assert job["status"] == "succeeded"
         assert job["result"]["choices"][0]["message"]["content"] == text
+        assert tierq == {"job_id": job_id, "served_by": job["served_by"]}
+        assert tierq["served_by"]["backend"] == "gpu-sim"
+        assert tierq["served_by"]["quality"] == "full"
         if mode == "postgres-redis":
             assert len(pieces) > 5  # token by token ...
             assert arrivals[-1] - arrivals[0] > 0.2  # ... as they were produced
         else:
             assert len(pieces) == 1  # no live view without Redis: the whole answer at once
+
+        again = client.chat.completions.create(
+            model="tierq", messages=question, stream=True, extra_headers=key
+        )
+        repeat, _, _, finish, tierq = read_stream(again, time.monotonic())
+        assert again.response.headers["x-tierq-job-id"] == job_id
+        assert "".join(repeat) == text and finish == "stop"
+        assert tierq == {"job_id": job_id, "served_by": job["served_by"]}
+        assert chat_calls(d) == 1 and job_count(d) == 1  # answered from the job
+
+
+def test_a_stream_that_waits_too_long_keeps_alive_then_names_the_job(
+    pg_redis: Deployment,
+) -> None:
+    from api.routes.chat_stream import KEEPALIVE_SECONDS
+
+    d = pg_redis
+    wait = KEEPALIVE_SECONDS + 1.5  # long enough for one keepalive
+    d.stack.api(TIERQ_CHAT_WAIT_SECONDS=str(wait))
+    d.stack.relay()
+    d.stack.worker("gpu")
+    d.fault("gpu-sim", latency_ms=(wait + 15) * 1000)
+    body = {"model": "tierq", "messages": QUESTION, "stream": True}
+    headers = {"Authorization": f"Bearer {d.key}", "Idempotency-Key": str(uuid.uuid4())}
+
+    started, lines = time.monotonic(), []
+    url = f"{d.stack.api_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+        assert response.status_code == 200
+        job_id = response.headers["x-tierq-job-id"]
+        lines = [line for line in response.iter_lines() if line]
+    elapsed = time.monotonic() - started
+    assert lines.count(": keepalive") >= 1
+    errors = sse_payloads("\n".join(lines))
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "job_not_finished"
+    assert errors[0]["error"]["job_id"] == job_id and "Idempotency-Key" in lines[-1]
+    # The wait, plus at most one blocking stream read and scheduling noise.
+    assert wait <= elapsed < wait + 5
+
+    # The official SDK raises it as an error whose body names the job.
+    client = sdk(d, max_retries=0)
+    stream = client.chat.completions.create(
+        model="tierq", messages=QUESTION, stream=True, extra_headers={"Idempotency-Key": "k2"}
+    )
+    with pytest.raises(openai.APIError) as ran_out:
+        list(stream)
+    assert ran_out.value.body["code"] == "job_not_finished"  # type: ignore[index]
+    assert stream.response.headers["x-tierq-job-id"] in str(ran_out.value)
+
+
+# --- the live view against a job whose worker the test plays, at exact moments -----------
+
+
+def sse_payloads(body: str) -> list[Any]:
+    """The data of each event; keepalive comments are not events."""
+    import json
+
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in body.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def streamed_text(payloads: list[Any]) -> str:
+    return "".join(
+        choice["delta"].get("content") or ""
+        for payload in payloads
+        for choice in payload.get("choices", [])
+    )
+
+
+def stored_answer(text: str) -> dict[str, Any]:
+    """The job columns a worker's answer writes (worker.runner.completion's shape)."""
+    result = {
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    return {"result": result, "backend": "gpu-sim", "model": "m-1", "quality": "full"}
+
+
+@pytest.fixture
+def in_process(env: dict[str, str], api_key: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """The API in this process, on the test Postgres and Redis; no worker runs."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    with TestClient(create_app()) as client:
+        yield client, {"Authorization": f"Bearer {api_key}", "Idempotency-Key": str(uuid.uuid4())}
+
+
+def queued_job(client: Any, headers: dict[str, str]) -> str:
+    """The job the streamed chat below becomes (the same key and body: the same job)."""
+    response = client.post(
+        "/v1/jobs", json={"model": "tierq", "messages": QUESTION}, headers=headers
+    )
+    assert response.status_code == 202
+    return response.json()["id"]
+
+
+def stream_chat(client: Any, headers: dict[str, str]) -> list[Any]:
+    body = {"model": "tierq", "messages": QUESTION, "stream": True}
+    response = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200
+    return sse_payloads(response.text)
+
+
+@pytest.mark.parametrize("lost_in_redis", [False, True])
+def test_the_last_deltas_reach_the_client_when_the_commit_follows_them_at_once(
+    in_process: tuple[Any, dict[str, str]], redis_server: Any, lost_in_redis: bool
+) -> None:
+    """The worker writes its last deltas and commits between the reader's stream read and
+    its job read: the client still gets every word (from the stream, or if a delta never
+    made it into Redis, from the stored answer)."""
+    from tests.test_api import LOAD_JOB, end_job, on_statement
+
+    client, headers = in_process
+    job_id = queued_job(client, headers)
+    redis = redis_server.client()
+    redis.xadd(f"tierq:stream:{job_id}", {"kind": "delta", "text": "Hello"})
+
+    def last_words_then_commit() -> None:
+        if not lost_in_redis:
+            redis.xadd(f"tierq:stream:{job_id}", {"kind": "delta", "text": ", world"})
+        end_job(job_id, stored_answer("Hello, world"), backend="gpu-sim")
+
+    with on_statement(LOAD_JOB, last_words_then_commit, when="before") as fired:
+        payloads = stream_chat(client, headers)
+    assert fired.is_set()
+    assert streamed_text(payloads) == "Hello, world"
+    final = [p for p in payloads if p["choices"] and p["choices"][0]["finish_reason"]]
+    assert final[-1]["tierq"] == {
+        "job_id": job_id,
+        "served_by": {
+            "tier": "gpu",
+            "backend": "gpu-sim",
+            "model": "m-1",
+            "quality": "full",
+            "attempts": 0,
+        },
+    }
+
+
+def test_a_retry_after_a_stream_reset_gets_the_answer_not_the_same_reset(
+    in_process: tuple[Any, dict[str, str]], redis_server: Any
+) -> None:
+    from tests.test_api import LOAD_JOB, end_job, on_statement
+
+    client, headers = in_process
+    job_id = queued_job(client, headers)
+    redis, stream = redis_server.client(), f"tierq:stream:{job_id}"
+    redis.xadd(stream, {"kind": "delta", "text": "a failed attempt's"})
+
+    # The attempt fails after the client was shown its text: an error naming the job.
+    attempt_fails = lambda: redis.xadd(stream, {"kind": "reset", "text": ""})  # noqa: E731
+    with on_statement(LOAD_JOB, attempt_fails, when="before"):
+        first = stream_chat(client, headers)
+    assert streamed_text(first) == "a failed attempt's"
+    assert first[-1]["error"]["code"] == "stream_reset" and job_id in first[-1]["error"]["message"]
+
+    # The retry with the same key follows the next attempt, from after the reset.
+    def next_attempt_answers() -> None:
+        redis.xadd(stream, {"kind": "delta", "text": "the answer"})
+        end_job(job_id, stored_answer("the answer"), backend="gpu-sim")
+
+    with on_statement(LOAD_JOB, next_attempt_answers, when="before") as fired:
+        retried = stream_chat(client, headers)
+    assert fired.is_set()
+    assert streamed_text(retried) == "the answer" and "error" not in retried[-1]
+
+    # Once the job has ended, the same key streams its whole stored answer.
+    again = stream_chat(client, headers)
+    assert streamed_text(again) == "the answer"
+    assert again[-1]["tierq"]["served_by"]["backend"] == "gpu-sim"

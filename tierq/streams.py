@@ -60,7 +60,8 @@ def append(job_id: uuid.UUID | str, kind: str, text: str = "") -> None:
         pipe.execute()
 
 
-def read(job_id: uuid.UUID | str, after: str, block_ms: int) -> Iterator[Entry]:
+def read(job_id: uuid.UUID | str, after: str, block_ms: int | None) -> Iterator[Entry]:
+    """Entries after ``after``; waits up to ``block_ms`` for one (None: does not wait)."""
     client = _client()
     if client is None:
         return
@@ -68,3 +69,24 @@ def read(job_id: uuid.UUID | str, after: str, block_ms: int) -> Iterator[Entry]:
     for _key_name, entries in found or []:
         for entry_id, fields in entries:
             yield Entry(entry_id, fields["kind"], fields.get("text", ""))
+
+
+START = "0-0"  # before every entry
+SCAN_BATCH = 500
+
+
+def after_last_reset(job_id: uuid.UUID | str) -> str:
+    """Where a new reader starts: after the latest ``reset``, since every delta before it
+    belongs to an attempt that failed (START if there is none)."""
+    client = _client()
+    if client is None:
+        return START
+    newest = "+"
+    while True:
+        entries = client.xrevrange(_key(job_id), max=newest, min="-", count=SCAN_BATCH)
+        for entry_id, fields in entries:
+            if fields.get("kind") == "reset":
+                return entry_id
+        if len(entries) < SCAN_BATCH:
+            return START
+        newest = f"({entries[-1][0]}"  # exclusive: continue below the oldest one seen

@@ -3,16 +3,21 @@ Server-Sent Events, as the worker produces them (worker → Redis stream → her
 
 The answer is persisted like any other; the stream is only the live view of it. When no
 live view is possible (the zero-install broker has no streams, or the job was answered
-without streaming: a replay, the minimal tier) the whole answer arrives as one chunk. An
-attempt that fails after it streamed text ends the stream with an error naming the job:
-retrying with the same Idempotency-Key returns the job's final answer.
+without streaming: a replay, the minimal tier, a retry after the job ended) the whole
+answer arrives as one chunk. An attempt that fails after it streamed text ends the stream
+with an error naming the job: retrying with the same Idempotency-Key returns the job's
+answer (the next attempt's tokens, or the whole answer once the job has ended). Where the
+answer came from (tier, backend, model, quality, attempts) rides on the chunk that carries
+``finish_reason``, under ``tierq.served_by``: response headers go out before it is known.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -24,11 +29,25 @@ from tierq import streams
 from tierq.models import Job, JobStatus
 
 BLOCK_MS = 1000
+# An SSE comment this often while nothing else is sent: proxies and load balancers close
+# connections idle for 30-60 s, and clients' read timeouts restart on every byte.
+KEEPALIVE_SECONDS = 5.0
+KEEPALIVE = b": keepalive\n\n"
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
+
+
+def served_by(job: Job) -> dict[str, Any]:
+    return {
+        "tier": job.tier,
+        "backend": job.backend,
+        "model": job.model,
+        "quality": job.quality,
+        "attempts": job.attempts,
+    }
 
 
 class ChunkWriter:
@@ -39,7 +58,11 @@ class ChunkWriter:
         self.started = False
 
     def chunk(
-        self, delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None
+        self,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        usage: dict[str, Any] | None = None,
+        tierq: dict[str, Any] | None = None,
     ) -> bytes:
         choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
         body: dict[str, Any] = {
@@ -51,6 +74,8 @@ class ChunkWriter:
         }
         if usage:
             body["usage"] = usage
+        if tierq:
+            body["tierq"] = tierq  # the OpenAI SDK keeps unknown fields (chunk.tierq)
         return _sse(body)
 
     def text(self, text: str) -> bytes:
@@ -58,11 +83,17 @@ class ChunkWriter:
         self.started = True
         return self.chunk(delta)
 
-    def finish(self, job: Job, streamed: bool) -> list[bytes]:
+    def finish(self, job: Job, shown: str) -> list[bytes]:
+        """The end of a succeeded job's stream, after ``shown`` was sent as deltas: the
+        rest of the stored answer (all of it if nothing was shown), then finish_reason."""
         result = job.result or {}
         choice = (result.get("choices") or [{}])[0]
-        frames = [] if streamed else [self.text(choice.get("message", {}).get("content", ""))]
-        frames.append(self.chunk({}, choice.get("finish_reason", "stop")))
+        content = choice.get("message", {}).get("content") or ""
+        # Normally nothing is left; a delta lost on its way through Redis is made up here.
+        rest = content[len(shown) :] if content.startswith(shown) else ""
+        frames = [self.text(rest)] if rest or not self.started else []
+        tierq = {"job_id": str(job.id), "served_by": served_by(job)}
+        frames.append(self.chunk({}, choice.get("finish_reason", "stop"), tierq=tierq))
         if self.include_usage and result.get("usage"):
             frames.append(self.chunk({}, usage=result["usage"]))
         return [*frames, _sse("[DONE]")]
@@ -81,55 +112,114 @@ def _error(job: Job, message: str, code: str) -> bytes:
     )
 
 
-def _read(job: Job, after: str) -> list[streams.Entry]:
-    return list(streams.read(job.id, after, BLOCK_MS))
+def _not_finished(job: Job) -> bytes:
+    return _error(
+        job,
+        f"no answer yet (it is {job.status}); it was accepted and will run to completion. "
+        "Send the same request with the same Idempotency-Key to keep waiting for it, or "
+        f"poll GET /v1/jobs/{job.id}",
+        "job_not_finished",
+    )
+
+
+def _stream_reset(job: Job) -> bytes:
+    return _error(
+        job,
+        "an attempt failed after it had streamed text; retry with the same "
+        "Idempotency-Key for the final answer",
+        "stream_reset",
+    )
+
+
+def _settled(job: Job) -> bool:
+    """Nothing more will be streamed for this request: the job ended or was parked."""
+    return JobStatus(job.status).terminal or job.status == JobStatus.PARKED
+
+
+def _read(job: Job, after: str, block_ms: int | None) -> list[streams.Entry]:
+    return list(streams.read(job.id, after, block_ms))
+
+
+@dataclass
+class LiveView:
+    """What one request has read from the job's stream and shown to its client."""
+
+    after: str
+    shown: list[str] = field(default_factory=list)
+    reset: bool = False  # an attempt failed after this client was shown its text
+
+    def take(self, entries: list[streams.Entry]) -> list[str]:
+        """The texts to send now. A reset voids the deltas before it: skipped if none was
+        shown yet, an error for the client otherwise."""
+        if entries:
+            self.after = entries[-1].id
+        resets = [i for i, entry in enumerate(entries) if entry.kind == "reset"]
+        if resets and self.shown:
+            self.reset = True
+            return []
+        if resets:
+            entries = entries[resets[-1] + 1 :]
+        texts = [entry.text for entry in entries if entry.kind == "delta"]
+        self.shown.extend(texts)
+        return texts
 
 
 async def _live(
-    request: Request, caller: Caller, job: Job, writer: ChunkWriter
+    request: Request, caller: Caller, job: Job, writer: ChunkWriter, wait: float
 ) -> AsyncIterator[bytes]:
-    after, streamed = "0-0", False
+    if _settled(job):  # e.g. a retry with the same Idempotency-Key after the job ended
+        for frame in _ending(job, writer, ""):
+            yield frame
+        return
+    view = LiveView(await run_in_threadpool(streams.after_last_reset, job.id))
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + wait
+    quiet_since = loop.time()
     while not await request.is_disconnected():
-        entries = await run_in_threadpool(_read, job, after)
-        for entry in entries:
-            after = entry.id
-            if entry.kind == "delta":
-                streamed = True
-                yield writer.text(entry.text)
-            elif entry.kind == "reset" and streamed:
-                yield _error(
-                    job,
-                    "an attempt failed after it had streamed text; retry with "
-                    "the same Idempotency-Key for the final answer",
-                    "stream_reset",
-                )
-                return
+        for text in view.take(await run_in_threadpool(_read, job, view.after, BLOCK_MS)):
+            quiet_since = loop.time()
+            yield writer.text(text)
+        if view.reset:
+            yield _stream_reset(job)
+            return
         current = await run_in_threadpool(load_job, caller, job.id)
-        if JobStatus(current.status).terminal or current.status == JobStatus.PARKED:
-            for frame in _ending(current, writer, streamed):
+        if _settled(current):
+            # The worker writes every delta before it commits: whatever came after the
+            # read above is in the stream now.
+            for text in view.take(await run_in_threadpool(_read, job, view.after, None)):
+                yield writer.text(text)
+            frames = [_stream_reset(job)] if view.reset else None
+            for frame in frames or _ending(current, writer, "".join(view.shown)):
                 yield frame
             return
+        if not view.shown and loop.time() >= give_up_at:
+            yield _not_finished(current)
+            return
+        if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
+            quiet_since = loop.time()
+            yield KEEPALIVE
 
 
-def _ending(job: Job, writer: ChunkWriter, streamed: bool) -> list[bytes]:
+def _ending(job: Job, writer: ChunkWriter, shown: str) -> list[bytes]:
     if job.status == JobStatus.SUCCEEDED:
-        return writer.finish(job, streamed)
+        return writer.finish(job, shown)
     return [_error(job, f"{job.status}: {job.error or ''}", f"job_{job.status}")]
 
 
 async def _whole(
     request: Request, caller: Caller, job: Job, writer: ChunkWriter, wait: float
 ) -> AsyncIterator[bytes]:
-    ended = await wait_for_end(request, caller, job.id, wait)
+    waiting = asyncio.ensure_future(wait_for_end(request, caller, job.id, wait))
+    try:
+        while not (await asyncio.wait({waiting}, timeout=KEEPALIVE_SECONDS))[0]:
+            yield KEEPALIVE
+    finally:
+        waiting.cancel()  # the client went away: stop waiting for it
+    ended = waiting.result()
     if not JobStatus(ended.status).terminal:
-        yield _error(
-            ended,
-            "not finished yet; retry with the same Idempotency-Key or poll "
-            f"GET /v1/jobs/{ended.id}",
-            "job_not_finished",
-        )
+        yield _not_finished(ended)
         return
-    for frame in _ending(ended, writer, streamed=False):
+    for frame in _ending(ended, writer, ""):
         yield frame
 
 
@@ -138,5 +228,5 @@ def stream_job(
 ) -> AsyncIterator[bytes]:
     writer = ChunkWriter(job, include_usage)
     if streams.available():
-        return _live(request, caller, job, writer)
+        return _live(request, caller, job, writer, wait)
     return _whole(request, caller, job, writer, wait)
