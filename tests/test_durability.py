@@ -12,18 +12,21 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.deployment import Deployment, deployment
+from tests.deployment import FAST_TIMINGS, Deployment, backend, deployment, tier
 from tests.services import wait_until
 from tierq.db import make_engine
 
 pytestmark = pytest.mark.slow
 BOTH_MODES = ["postgres-redis", "sqlite-filesystem"]
+LEASE_SECONDS = float(FAST_TIMINGS["TIERQ_LEASE_SECONDS"])
+RELAY_INTERVAL = float(FAST_TIMINGS["TIERQ_RELAY_INTERVAL"])
 
 
 @pytest.fixture
@@ -37,7 +40,45 @@ def assert_kept_promise(d: Deployment, timeout: float = 60) -> None:
     print(result)
     assert result.finished == result.accepted
     assert result.lost == 0 and result.answered_twice == 0
+    assert result.mismatched == 0, result
     assert result.statuses == {"succeeded": result.accepted}, result
+
+
+def deliveries(d: Deployment) -> dict[str, int]:
+    from sqlalchemy import select
+
+    from tierq.models import Job
+
+    engine = make_engine(d.database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Job.id, Job.deliveries).where(Job.id.in_(_ids(d)))).all()
+    engine.dispose()
+    return {str(row.id): row.deliveries for row in rows}
+
+
+def _ids(d: Deployment) -> list[uuid.UUID]:
+    return [uuid.UUID(j) for j in d.jobs]
+
+
+def assert_recovered_from_a_lost_lease(d: Deployment) -> None:
+    """At least one job really was interrupted: its lease ran out with its worker, the
+    relay re-queued it, and a second claim finished it. Without this a kill that landed
+    between jobs would pass for a recovery."""
+    requeued = d.events("requeued")
+    claimed_twice = {j for j, n in deliveries(d).items() if n >= 2}
+    assert set(requeued) & claimed_twice, (requeued, claimed_twice)
+
+
+def running_jobs(d: Deployment) -> list[str]:
+    from sqlalchemy import select
+
+    from tierq.models import Job
+
+    engine = make_engine(d.database_url)
+    with engine.connect() as conn:
+        ids = conn.scalars(select(Job.id).where(Job.status == "running", Job.id.in_(_ids(d)))).all()
+    engine.dispose()
+    return [str(i) for i in ids]
 
 
 def running_count(d: Deployment) -> int:
@@ -123,6 +164,7 @@ def test_pool_child_killed_mid_call(tmp_path: Path, mode: str) -> None:
         os.kill(children[0], signal.SIGKILL)
         d.fault("gpu-sim", latency_ms=200)
         assert_kept_promise(d)
+        assert_recovered_from_a_lost_lease(d)
         assert worker.alive()
 
 
@@ -144,25 +186,40 @@ def test_whole_worker_killed_recovers_before_visibility_timeout(tmp_path: Path, 
         assert_kept_promise(d, timeout=60)
         # The broker's visibility timeout is 3600 s: the lease, not Redis, brought them back.
         assert time.monotonic() - killed_at < 60
+        assert_recovered_from_a_lost_lease(d)
 
 
-def test_redis_flushed_with_100_jobs_queued(pg_redis: Deployment) -> None:
-    d = pg_redis
-    d.stack.api()
-    d.stack.relay()
-    d.stack.worker("gpu", concurrency=2)  # running through the flush: it must keep consuming
-    d.fault("gpu-sim", latency_ms=1000)
-    with d.client() as client:
-        for i in range(100):
-            assert d.submit(client, f"job {i}").status_code == 202
-    assert d.redis is not None
-    wait_until(lambda: d.redis.client().llen("gpu") >= 90, 10, what="messages queued")
-    d.redis.client().flushall()
-    d.fault("gpu-sim", latency_ms=0)
-    started = time.monotonic()
-    assert_kept_promise(d, timeout=90)
-    # Re-published as soon as the relay saw the empty broker, not republish_after later.
-    print(f"100 jobs answered {time.monotonic() - started:.1f}s after the flush")
+# Without empty-broker detection the flushed jobs would wait out republish_after.
+NO_EARLY_REPUBLISH = {"TIERQ_REPUBLISH_AFTER": "600"}
+# The relay sees the empty broker on its next sweep; 50 sweeps is headroom for a busy
+# machine, and still 60 times sooner than republish_after.
+REPUBLISHED_WITHIN = 50 * RELAY_INTERVAL
+
+
+def test_redis_flushed_with_100_jobs_queued(tmp_path: Path) -> None:
+    with deployment(tmp_path, env=NO_EARLY_REPUBLISH) as d:
+        d.stack.api()
+        relay = d.stack.relay()
+        d.stack.worker("gpu", concurrency=2)  # running through the flush: it must keep consuming
+        d.fault("gpu-sim", latency_ms=1000)
+        with d.client() as client:
+            for i in range(100):
+                assert d.submit(client, f"job {i}").status_code == 202
+        assert d.redis is not None
+        wait_until(lambda: d.queued_messages("gpu") >= 90, 10, what="messages queued")
+        d.redis.client().flushall()
+        flushed_at = time.monotonic()
+        d.fault("gpu-sim", latency_ms=0)
+        wait_until(
+            lambda: d.queued_messages("gpu") > 0,
+            REPUBLISHED_WITHIN,
+            0.02,
+            what="the relay to re-publish into the empty broker",
+        )
+        republished = time.monotonic() - flushed_at
+        assert_kept_promise(d, timeout=90)
+        print(f"re-published {republished:.1f}s after the flush")
+        assert "broker came back empty" in relay.output()
 
 
 def test_redis_stopped_during_submits(pg_redis: Deployment) -> None:
@@ -222,8 +279,13 @@ def test_postgres_stopped_during_submits(tmp_path: Path) -> None:
         assert_kept_promise(d, timeout=90)
 
 
-def test_api_killed_after_commit_before_publish(pg_redis: Deployment) -> None:
-    d = pg_redis
+@pytest.mark.parametrize("mode", BOTH_MODES)
+def test_api_killed_after_commit_before_publish(tmp_path: Path, mode: str) -> None:
+    with deployment(tmp_path, mode) as d:
+        _api_killed_after_commit_before_publish(d)
+
+
+def _api_killed_after_commit_before_publish(d: Deployment) -> None:
     d.stack.relay()
     d.stack.worker("gpu")
     crashing = d.stack.api(TIERQ_CRASH_AT="api.after_commit")
@@ -240,24 +302,38 @@ def test_api_killed_after_commit_before_publish(pg_redis: Deployment) -> None:
     assert_kept_promise(d, timeout=30)
 
 
-def test_same_message_delivered_twice_runs_once(pg_redis: Deployment) -> None:
-    from tierq import broker
+@pytest.mark.parametrize("mode", BOTH_MODES)
+def test_same_message_delivered_twice_runs_once(tmp_path: Path, mode: str) -> None:
+    with deployment(tmp_path, mode) as d:
+        d.stack.api()
+        with d.client() as client:
+            job_id = d.submit(client).json()["id"]
+        d.publish(job_id, "gpu")  # a second doorbell for the same job, on the same broker
+        # Both are on the deployment's broker; no relay runs, so these two are all there is.
+        assert d.queued_messages("gpu") == 2
+        before = d.calls("gpu-sim")
+        worker = d.stack.worker("gpu", concurrency=2)
+        assert_kept_promise(d, timeout=30)
+        wait_until(
+            lambda: "not claimable" in worker.output(), 10, what="the duplicate to be dropped"
+        )
+        time.sleep(0.5)  # a third delivery, if there were one, would show by now
+        log = worker.output()
+        received = [line for line in log.splitlines() if "run_job[" in line and "received" in line]
+        assert len(received) == 2, log
+        assert log.count("not claimable") == 1, log
+        assert d.queued_messages("gpu") == 0
+        assert d.job(job_id)["deliveries"] == 1
+        assert d.calls("gpu-sim") - before == 1
 
-    d = pg_redis
-    d.stack.api()
-    with d.client() as client:
-        job_id = d.submit(client).json()["id"]
-    for _ in range(2):  # two more doorbells for the same job: three deliveries in all
-        assert broker.publish(job_id, "gpu")
-    before = d.calls("gpu-sim")
-    d.stack.worker("gpu", concurrency=2)
-    assert_kept_promise(d, timeout=30)
-    time.sleep(1)  # let the duplicate deliveries arrive and be dropped
-    assert d.calls("gpu-sim") - before == 1
+
+@pytest.mark.parametrize("mode", BOTH_MODES)
+def test_poison_job_ends_dead_while_others_go_on(tmp_path: Path, mode: str) -> None:
+    with deployment(tmp_path, mode) as d:
+        _poison_job_ends_dead_while_others_go_on(d)
 
 
-def test_poison_job_ends_dead_while_others_go_on(pg_redis: Deployment) -> None:
-    d = pg_redis
+def _poison_job_ends_dead_while_others_go_on(d: Deployment) -> None:
     d.stack.api()
     d.stack.relay()
     worker = d.stack.worker("gpu", concurrency=2, TIERQ_CRASH_AT="worker.before_call@POISON")
@@ -283,3 +359,56 @@ def test_poison_job_ends_dead_while_others_go_on(pg_redis: Deployment) -> None:
 def _status(d: Deployment, job_id: str) -> str:
     with d.client() as client:
         return client.get(f"/v1/jobs/{job_id}").json()["status"]
+
+
+def _slow_backend_config(urls: dict[str, str]) -> dict[str, object]:
+    """One gpu backend whose read timeout leaves room for calls several leases long."""
+    return {"tiers": [tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"], read_timeout=30))]}
+
+
+def test_lease_is_renewed_during_a_call_longer_than_the_lease(tmp_path: Path) -> None:
+    with deployment(tmp_path, config=_slow_backend_config, simulators=("gpu-sim",)) as d:
+        d.stack.api()
+        d.stack.relay()  # reclaims the job if its lease is let run out during the call
+        d.stack.worker("gpu", concurrency=1)
+        call_ms = int(2.5 * LEASE_SECONDS * 1000)
+        d.fault("gpu-sim", latency_ms=call_ms)
+        with d.client() as client:
+            job_id = d.submit(client, "a long answer").json()["id"]
+        assert_kept_promise(d, timeout=call_ms / 1000 + 30)
+        job = d.job(job_id)
+        assert (job["deliveries"], job["attempts"], job["lost_leases"]) == (1, 1, 0)
+        assert d.events("requeued") == {}
+        assert d.calls("gpu-sim") == 1
+
+
+@pytest.mark.parametrize("point", ["worker.after_call", "worker.before_commit"])
+def test_worker_dies_between_the_answer_and_its_commit(tmp_path: Path, point: str) -> None:
+    """The backend answered, the worker died before the answer was committed: the job runs
+    again (at least once) and is answered once."""
+    # A longer lease than the others: the crashed job must not come back to the crashing
+    # worker (a second crash) before the test has stopped it.
+    with deployment(tmp_path, env={"TIERQ_LEASE_SECONDS": "8"}) as d:
+        d.stack.api()
+        d.stack.relay()
+        crashing = d.stack.worker("gpu", concurrency=1, TIERQ_CRASH_AT=point)
+        with d.client() as client:
+            victim = d.submit(client, "the victim").json()["id"]
+        wait_until(
+            lambda: "exitcode 137" in crashing.output(), 30, what=f"a pool child to die at {point}"
+        )
+        # Stop it before the relay hands the job back to it for another crash.
+        crashing.kill_group(signal.SIGKILL)
+        assert d.calls("gpu-sim") == 1
+        job = d.job(victim)
+        # The answer died with the worker, and so did its turn (the ledger would see it).
+        assert job["status"] == "running" and job["result"] is None, job
+        assert d.ledger().mismatched == 0
+        d.stack.worker("gpu", concurrency=2)
+        with d.client() as client:
+            for i in range(3):
+                d.submit(client, f"job {i}")
+        assert_kept_promise(d, timeout=60)
+        assert d.job(victim)["deliveries"] == 2
+        assert victim in d.events("requeued")
+        assert d.calls("gpu-sim") == len(d.jobs) + 1  # the victim's call ran twice
