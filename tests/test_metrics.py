@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.services import RedisServer, free_port
+from tests.test_webhooks import receiver  # noqa: F401 (a fixture)
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 Scrape = dict[Sample, float]
@@ -140,6 +141,9 @@ def test_metrics_is_prometheus_text_without_a_key(client: TestClient) -> None:
         "tierq_broker_up",
         "tierq_database_up",
         "tierq_scrape_errors",
+        "tierq_webhook_deliveries",
+        "tierq_webhook_delivery_attempts",
+        "tierq_oldest_undelivered_webhook_age_seconds",
     } <= families
 
 
@@ -277,6 +281,69 @@ def test_failovers_and_breaker(client: TestClient) -> None:
     assert value(after, "tierq_backend_up", backend=name) == 0
 
 
+def add_deliveries(*specs: dict[str, Any]) -> list[str]:
+    """Webhook outbox rows (status, attempts, age_seconds) for one fresh job."""
+    from tierq.db import db_now, session_scope
+    from tierq.models import Job, WebhookDelivery
+
+    (job_id,) = add_jobs({"status": "succeeded", "tier": "gpu", "quality": "full"})
+    ids = []
+    with session_scope() as session:
+        owner = session.get_one(Job, job_id).owner_id
+        for n, spec in enumerate(specs):
+            fields = dict(spec)
+            age = fields.pop("age_seconds", 0)
+            ids.append(f"msg_{job_id.hex}_{n}")
+            session.add(
+                WebhookDelivery(
+                    id=ids[-1],
+                    job_id=job_id,
+                    owner_id=owner,
+                    event_type="job.succeeded",
+                    url="https://receiver.example/hook",
+                    payload="{}",
+                    expires_at=db_now(3600),
+                    next_attempt_at=db_now(),
+                    created_at=db_now(-age),
+                    **fields,
+                )
+            )
+    return ids
+
+
+def test_webhook_deliveries_by_status_attempts_and_oldest_undelivered(
+    client: TestClient,
+) -> None:
+    from sqlalchemy import update
+
+    from tierq.db import session_scope
+    from tierq.models import WebhookDelivery
+
+    before = scrape(client)
+    pending, *_ = add_deliveries(
+        {"status": "pending", "attempts": 2, "age_seconds": 600},
+        {"status": "sending", "attempts": 1},
+        {"status": "delivered", "attempts": 3},
+        {"status": "failed", "attempts": 7},
+    )
+    middle = scrape(client)
+    for status in ("pending", "sending", "delivered", "failed"):
+        assert delta(before, middle, "tierq_webhook_deliveries", status=status) == 1, status
+    assert delta(before, middle, "tierq_webhook_delivery_attempts_total") == 13
+    assert value(middle, "tierq_oldest_undelivered_webhook_age_seconds") >= 600
+
+    with session_scope() as session:  # the receiver answers the pending one at last
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == pending)
+            .values(status="delivered", attempts=3)
+        )
+    after = scrape(client)
+    assert delta(middle, after, "tierq_webhook_deliveries", status="pending") == -1
+    assert delta(middle, after, "tierq_webhook_deliveries", status="delivered") == 1
+    assert delta(middle, after, "tierq_webhook_delivery_attempts_total") == 1
+
+
 def test_queue_depth_is_llen_of_the_broker_lists(
     client: TestClient, redis_server: RedisServer
 ) -> None:
@@ -285,13 +352,16 @@ def test_queue_depth_is_llen_of_the_broker_lists(
     before = scrape(client)
     redis.rpush("gpu", marker, marker, marker)
     redis.rpush("cpu\x06\x163", marker)  # kombu's list for priority 3 of queue "cpu"
+    redis.rpush("webhooks", marker, marker)
     try:
         after = scrape(client)
     finally:
         redis.lrem("gpu", 0, marker)
         redis.lrem("cpu\x06\x163", 0, marker)
+        redis.lrem("webhooks", 0, marker)
     assert delta(before, after, "tierq_queue_depth", queue="gpu", source="broker") == 3
     assert delta(before, after, "tierq_queue_depth", queue="cpu", source="broker") == 1
+    assert delta(before, after, "tierq_queue_depth", queue="webhooks", source="broker") == 2
     assert ("tierq_queue_depth", frozenset({("queue", "emergency"), ("source", "broker")})) in after
     assert value(after, "tierq_broker_up") == 1
 
@@ -332,8 +402,10 @@ def test_without_a_redis_broker_queue_depth_comes_from_the_database(env: dict[st
     registry = make_registry(load_config(), broker_url="filesystem://")
     before = parse(generate_latest(registry).decode())
     add_jobs({"status": "queued", "tier": "cpu"}, {"status": "running", "tier": "cpu"})
+    add_deliveries({"status": "pending"}, {"status": "sending"}, {"status": "delivered"})
     after = parse(generate_latest(registry).decode())
     assert delta(before, after, "tierq_queue_depth", queue="cpu", source="database") == 1
+    assert delta(before, after, "tierq_queue_depth", queue="webhooks", source="database") == 1
     assert ("tierq_queue_depth", frozenset({("queue", "emergency"), ("source", "database")})) in (
         after
     )
@@ -407,3 +479,73 @@ def test_backends_show_the_shared_state_row(env: dict[str, str], api_key: str) -
     assert shown == dict(health="degraded", circuit="open", disabled=True, last_error="slow")
     assert backend["last_latency_ms"] == 2500.0
     assert backend["last_probe_at"] is not None
+
+
+# --- end to end: real workers move the counters ----------------------------------------
+
+
+def sum_of(metrics: Scrape, name: str, **labels: str) -> float:
+    """The sum of every series of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, series), v in metrics.items() if n == name and wanted <= series)
+
+
+@pytest.mark.slow
+def test_counters_move_as_real_workers_run_jobs_fail_over_and_call_back(
+    tmp_path: Any,
+    receiver: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
+    import httpx
+
+    from tests.deployment import deployment
+    from tests.services import wait_until
+    from tests.test_webhooks import FAST
+
+    with deployment(tmp_path) as d:
+        d.stack.env.update(FAST)  # the receiver is on loopback; quick retries
+        d.stack.api()
+        d.stack.relay()
+        for name in ("gpu", "cpu", "webhooks"):
+            d.stack.worker(name)
+
+        def scrape_api() -> Scrape:
+            response = httpx.get(f"{d.stack.api_url}/metrics", timeout=10)
+            assert response.status_code == 200
+            return parse(response.text)
+
+        before = scrape_api()
+        with d.client() as client:
+            d.submit(client, "one")
+            d.submit(client, "two")
+            d.wait_finished()
+            d.fault("gpu-sim", mode="error_500", count=2)  # both gpu attempts fail: to cpu
+            d.submit(client, "three", webhook_url=receiver.url)
+            assert d.wait_finished().statuses == {"succeeded": 3}
+            tiers = [client.get(f"/v1/jobs/{j}").json()["served_by"]["tier"] for j in d.jobs]
+        assert tiers == ["gpu", "gpu", "cpu"]
+        wait_until(
+            lambda: value(scrape_api(), "tierq_webhook_deliveries", status="delivered") == 1,
+            30,
+            0.3,
+            what="the webhook to be delivered",
+        )
+        after = scrape_api()
+
+    finished = "tierq_jobs_finished_total"
+    assert delta(before, after, finished, status="succeeded", tier="gpu", quality="full") == 2
+    assert delta(before, after, finished, status="succeeded", tier="cpu", quality="reduced") == 1
+    assert delta(before, after, "tierq_failovers_total", **{"from": "gpu", "to": "cpu"}) == 1
+    attempts = "tierq_attempts_total"
+    assert delta(before, after, attempts, backend="gpu-sim", outcome="ok", error_class="none") == 2
+    assert (
+        sum_of(after, attempts, backend="gpu-sim", outcome="error")
+        - sum_of(before, attempts, backend="gpu-sim", outcome="error")
+        == 2
+    )
+    latency = "tierq_backend_latency_seconds_count"
+    assert delta(before, after, latency, backend="gpu-sim") == 4
+    assert delta(before, after, latency, backend="cpu-sim") == 1
+    assert value(after, "tierq_quality_sla_ratio") == 1.0  # all from the first two tiers
+    assert delta(before, after, "tierq_webhook_deliveries", status="delivered") == 1
+    assert delta(before, after, "tierq_webhook_delivery_attempts_total") == 1
+    assert len(receiver.acknowledged()) == 1

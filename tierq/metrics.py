@@ -5,9 +5,12 @@ miss everything they do. The database is the truth: every number here is a query
 Prometheus scrapes. Counts of rows that are never deleted or changed (terminal jobs,
 attempts, breaker transitions, escalation events) only grow, so they are real counters.
 
+Webhook deliveries are rows whose status changes (pending → sending → delivered or
+failed, and back to pending on a redelivery), so they are a gauge by status, not a counter;
+their attempts only grow, so those are a counter.
+
 Each group of metrics is one function ``(connection, config) -> metric families`` in
-``DATABASE_SECTIONS``; adding one (webhook deliveries by outcome, once that table exists) is
-one more function in that tuple.
+``DATABASE_SECTIONS``; adding one is one more function in that tuple.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ from tierq.models import (
     Job,
     JobEvent,
     JobStatus,
+    WebhookDelivery,
 )
 from tierq.settings import get_settings
+from tierq.webhooks import QUEUE as WEBHOOKS_QUEUE
+from tierq.webhooks import DeliveryStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,13 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SLA_QUALITIES = ("full", "reduced")
 SLA_TIERS = 2
 CIRCUIT_STATES = ("closed", "open", "half_open")
+DELIVERY_STATUSES = (
+    DeliveryStatus.PENDING,
+    DeliveryStatus.SENDING,
+    DeliveryStatus.DELIVERED,
+    DeliveryStatus.FAILED,
+)
+UNDELIVERED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 UP_HEALTH = ("healthy", "degraded")
 # A scrape must not hang on a dead broker or pile slow queries onto the database.
 REDIS_CONNECT_TIMEOUT = 0.5
@@ -254,12 +267,57 @@ def breaker_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
     yield from (state, up, disabled)
 
 
+# --- webhooks ---------------------------------------------------------------------------
+
+
+def webhook_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
+    """Deliveries by status now, every POST made, and how long the oldest undelivered one
+    has waited (a receiver that is down shows here long before its deliveries fail)."""
+    by_status = Counter(dict.fromkeys(DELIVERY_STATUSES, 0))
+    attempts = 0
+    for status, count, tried in conn.execute(
+        select(
+            WebhookDelivery.status,
+            func.count(),
+            func.coalesce(func.sum(WebhookDelivery.attempts), 0),
+        ).group_by(WebhookDelivery.status)
+    ):
+        by_status[status] += count
+        attempts += tried
+    deliveries = GaugeMetricFamily(
+        "tierq_webhook_deliveries",
+        "Webhook events in the database now, by delivery status (pending: waiting for its "
+        "next try; sending: being posted; delivered: the receiver answered 2xx; failed: "
+        "given up).",
+        labels=["status"],
+    )
+    for status, count in sorted(by_status.items()):
+        deliveries.add_metric([status], count)
+    yield deliveries
+    yield CounterMetricFamily(
+        "tierq_webhook_delivery_attempts",
+        "POSTs made to webhook receivers, whatever their outcome.",
+        value=attempts,
+    )
+    oldest, now = conn.execute(
+        select(func.min(WebhookDelivery.created_at), db_now()).where(
+            WebhookDelivery.status.in_(UNDELIVERED)
+        )
+    ).one()
+    yield GaugeMetricFamily(
+        "tierq_oldest_undelivered_webhook_age_seconds",
+        "Age of the oldest pending or sending webhook event (0 when all are settled).",
+        _age_seconds(oldest, now),
+    )
+
+
 DATABASE_SECTIONS: tuple[Section, ...] = (
     job_metrics,
     parked_metrics,
     attempt_metrics,
     failover_metrics,
     breaker_metrics,
+    webhook_metrics,
 )
 
 
@@ -267,7 +325,7 @@ DATABASE_SECTIONS: tuple[Section, ...] = (
 
 
 def queue_names(config: TierqConfig) -> list[str]:
-    return [*config.tier_names, EMERGENCY_QUEUE]
+    return [*config.tier_names, EMERGENCY_QUEUE, WEBHOOKS_QUEUE]
 
 
 def _is_redis(url: str) -> bool:
@@ -303,7 +361,8 @@ def _priority_keys(queue: str) -> list[str]:
 
 
 def database_queue_depths(conn: Connection, queues: list[str]) -> dict[str, int]:
-    """For brokers we cannot count (filesystem, AMQP): jobs queued on each tier."""
+    """For brokers we cannot count (filesystem, AMQP): jobs queued on each tier, and
+    webhook deliveries that are due."""
     depths = dict.fromkeys(queues, 0)
     rows = conn.execute(
         select(Job.tier, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.tier)
@@ -311,13 +370,21 @@ def database_queue_depths(conn: Connection, queues: list[str]) -> dict[str, int]
     for tier, count in rows:
         if tier in depths:
             depths[tier] = count
+    if WEBHOOKS_QUEUE in depths:
+        depths[WEBHOOKS_QUEUE] = conn.scalar(
+            select(func.count()).where(
+                WebhookDelivery.status == DeliveryStatus.PENDING,
+                WebhookDelivery.next_attempt_at <= db_now(),
+            )
+        )
     return depths
 
 
 def _queue_family(depths: dict[str, int], source: str) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "tierq_queue_depth",
-        "Messages waiting in each broker queue (source=database: queued jobs per tier).",
+        "Messages waiting in each broker queue (source=database: queued jobs per tier, "
+        "due deliveries for webhooks).",
         labels=["queue", "source"],
     )
     for queue, depth in depths.items():
