@@ -6,25 +6,25 @@ in between, or the broker is down, the relay publishes it from the database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from api.problems import Problem
 from api.schemas import JobCreate
 from tierq import broker
 from tierq.config import TierqConfig
 from tierq.crash import crash_point
-from tierq.db import db_now, session_scope
+from tierq.db import db_now, transaction
 from tierq.models import Conversation, Job, JobStatus, Turn
 
-JobRow = Any  # a Job, or a row of the jobs table: the same attributes
+JobRow = Any  # a row of the jobs table: the attributes of a Job
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,24 @@ def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _existing(session: Session, owner: uuid.UUID, key: str, digest: str) -> Job | None:
-    job = session.scalar(select(Job).where(Job.owner_id == owner, Job.idempotency_key == key))
+_JOBS = Job.__table__
+_CONVERSATIONS = Conversation.__table__
+# Built once: this is the hot path, and a statement built per request costs more CPU than
+# the database spends running it. Parameters fill in the columns at execute time.
+_INSERT_CONVERSATION = insert(_CONVERSATIONS)
+_INSERT_TURNS = insert(Turn.__table__)
+_INSERT_JOB = {
+    # A blocked job is published when the job before it ends; NULL tells the relay.
+    True: insert(_JOBS).returning(_JOBS),
+    False: insert(_JOBS).values(published_at=db_now()).returning(_JOBS),
+}
+_UNPUBLISHED = update(_JOBS).values(published_at=None)
+
+
+def _existing(conn: Connection, owner: uuid.UUID, key: str, digest: str) -> JobRow | None:
+    job = conn.execute(
+        select(_JOBS).where(_JOBS.c.owner_id == owner, _JOBS.c.idempotency_key == key)
+    ).one_or_none()
     if job is not None and job.request_hash != digest:
         raise Problem(
             422,
@@ -51,21 +67,21 @@ def _existing(session: Session, owner: uuid.UUID, key: str, digest: str) -> Job 
 
 
 def _reserve_turns(
-    session: Session, owner: uuid.UUID, conversation_id: uuid.UUID | None, count: int
+    conn: Connection, owner: uuid.UUID, conversation_id: uuid.UUID | None, count: int
 ) -> tuple[uuid.UUID, int]:
     """Reserve ``count`` turn positions (the messages plus the answer); return the first."""
     if conversation_id is None:
         conversation_id = uuid.uuid4()
-        session.execute(
-            insert(Conversation).values(id=conversation_id, owner_id=owner, turn_count=count)
+        conn.execute(
+            _INSERT_CONVERSATION, {"id": conversation_id, "owner_id": owner, "turn_count": count}
         )
         return conversation_id, 0
     # UPDATE ... RETURNING takes the row lock, so concurrent appends get disjoint positions.
-    end = session.scalar(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.owner_id == owner)
-        .values(turn_count=Conversation.turn_count + count)
-        .returning(Conversation.turn_count)
+    end = conn.scalar(
+        update(_CONVERSATIONS)
+        .where(_CONVERSATIONS.c.id == conversation_id, _CONVERSATIONS.c.owner_id == owner)
+        .values(turn_count=_CONVERSATIONS.c.turn_count + count)
+        .returning(_CONVERSATIONS.c.turn_count)
     )
     if end is None:
         raise Problem(
@@ -77,17 +93,17 @@ def _reserve_turns(
     return conversation_id, end - count
 
 
-def _previous_job(session: Session, conversation_id: uuid.UUID, before_seq: int) -> Job | None:
-    return session.scalar(
-        select(Job)
-        .where(Job.conversation_id == conversation_id, Job.answer_seq < before_seq)
-        .order_by(Job.answer_seq.desc())
+def _previous_job(conn: Connection, conversation_id: uuid.UUID, before_seq: int) -> JobRow | None:
+    return conn.execute(
+        select(_JOBS.c.id, _JOBS.c.status)
+        .where(_JOBS.c.conversation_id == conversation_id, _JOBS.c.answer_seq < before_seq)
+        .order_by(_JOBS.c.answer_seq.desc())
         .limit(1)
-    )
+    ).one_or_none()
 
 
 def _insert(
-    session: Session,
+    conn: Connection,
     owner: uuid.UUID,
     body: JobCreate,
     key: str | None,
@@ -95,12 +111,11 @@ def _insert(
     config: TierqConfig,
     stream: bool = False,
 ) -> tuple[JobRow, bool]:
-    # Core inserts, not the unit of work: this is the hot path, and three statements do.
     conversation_id, first = _reserve_turns(
-        session, owner, body.conversation_id, len(body.messages) + 1
+        conn, owner, body.conversation_id, len(body.messages) + 1
     )
-    session.execute(
-        insert(Turn),
+    conn.execute(
+        _INSERT_TURNS,
         [
             {
                 "id": uuid.uuid4(),
@@ -113,7 +128,7 @@ def _insert(
         ],
     )
     answer_seq = first + len(body.messages)
-    previous = _previous_job(session, conversation_id, answer_seq) if body.conversation_id else None
+    previous = _previous_job(conn, conversation_id, answer_seq) if body.conversation_id else None
     blocked = previous is not None and not JobStatus(previous.status).terminal
     values = {
         "id": uuid.uuid4(),
@@ -132,13 +147,17 @@ def _insert(
         "request_hash": digest,
         "on_exhausted": body.on_exhausted,
         "webhook_url": body.webhook_url,
-        # A blocked job is published when the job before it ends; NULL tells the relay.
-        "published_at": None if blocked else db_now(),
     }
-    # The table, not the mapped class: ORM bulk inserts turn SQL expressions into parameters.
-    table = Job.__table__
-    job = session.execute(insert(table).values(values).returning(table)).one()
-    return job, blocked
+    return conn.execute(_INSERT_JOB[blocked], values).one(), blocked
+
+
+def _publish(job: JobRow) -> None:
+    """Ring the doorbell; if the broker is unreachable, tell the relay to publish it."""
+    if broker.publish(job.id, job.tier):
+        return
+    # Best effort: should this fail too, the relay republishes after its usual wait.
+    with contextlib.suppress(SQLAlchemyError), transaction() as conn:
+        conn.execute(_UNPUBLISHED.where(_JOBS.c.id == job.id, _JOBS.c.status == JobStatus.QUEUED))
 
 
 def accept(
@@ -146,20 +165,20 @@ def accept(
 ) -> Accepted:
     digest = request_hash(body)
     try:
-        with session_scope() as session:
-            if key and (job := _existing(session, owner, key, digest)):
+        with transaction() as conn:
+            if key and (job := _existing(conn, owner, key, digest)):
                 return Accepted(job, replayed=True)
-            job, blocked = _insert(session, owner, body, key, digest, config, stream)
+            job, blocked = _insert(conn, owner, body, key, digest, config, stream)
     except IntegrityError:
         if not key:
             raise
         # Two requests with one Idempotency-Key raced; the other one committed first.
-        with session_scope() as session:
-            job = _existing(session, owner, key, digest)
+        with transaction() as conn:
+            job = _existing(conn, owner, key, digest)
         if job is None:
             raise
         return Accepted(job, replayed=True)
     crash_point("api.after_commit")
     if not blocked:
-        broker.publish(job.id, job.tier)
+        _publish(job)
     return Accepted(job, replayed=False)

@@ -84,7 +84,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_store_errors_even_if_ignored=False,
         # Flower needs events to show tasks and workers.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         # Never `expires=` on jobs: an expired message is silently revoked, never run.
         # A long-running job is ours to end (lease, deadline), not the broker's.
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import Connection, DateTime, Engine, create_engine, event
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement
@@ -84,6 +84,13 @@ def session_scope() -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+@contextmanager
+def transaction() -> Iterator[Connection]:
+    """One transaction on a bare connection, for hot paths that need no ORM unit of work."""
+    with get_engine().begin() as conn:
+        yield conn
 
 
 def is_postgres(engine: Engine | None = None) -> bool:
