@@ -25,7 +25,12 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="Tier configuration YAML; empty: built-in.")
 
     lease_seconds: float = Field(30.0, gt=0, description="How long a claim lasts unrenewed.")
-    max_deliveries: int = Field(5, ge=1, description="Deliveries before a job is dead.")
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="A job whose worker died (its lease ran out) this many times is dead: "
+        "a poison job. Retries, escalations and replays do not count.",
+    )
     relay_interval: float = Field(1.0, gt=0, description="Seconds between relay sweeps.")
     republish_after: float = Field(
         30.0, gt=0, description="A queued job untouched this long is published again."

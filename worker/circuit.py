@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session
@@ -62,32 +63,12 @@ def acquire(
         return None
     if row.circuit == Circuit.CLOSED:
         return Permit(row.name, trial=False)
-    if row.circuit == Circuit.OPEN:
-        half_opened = session.scalar(
-            update(Backend)
-            .where(
-                Backend.name == row.name,
-                Backend.circuit == Circuit.OPEN,
-                Backend.opened_at <= db_now(-breaker.recovery_timeout),
-            )
-            .values(
-                circuit=Circuit.HALF_OPEN,
-                trial_successes=0,
-                trial_until=db_now(trial_seconds),
-                updated_at=db_now(),
-            )
-            .returning(Backend.name)
-        )
-        if half_opened:
-            _transition(
-                session,
-                row.name,
-                Circuit.OPEN,
-                Circuit.HALF_OPEN,
-                f"recovery timeout of {breaker.recovery_timeout:g}s passed",
-            )
-            return Permit(row.name, trial=True)
-        return None
+    if row.circuit == Circuit.OPEN and _half_open(
+        session, row.name, breaker, trial_until=db_now(trial_seconds)
+    ):
+        return Permit(row.name, trial=True)
+        # Still open, or the relay half-opened it since ``row`` was read: the UPDATE below
+        # matches only a half-open breaker.
     trial = session.scalar(  # half-open: one trial call at a time
         update(Backend)
         .where(
@@ -194,7 +175,47 @@ def count_retry(session: Session, backend: str) -> None:
     )
 
 
-def retry_allowed(row: Backend, budget: float) -> bool:
-    """Retries stay under ``budget`` of the backend's calls in the current window."""
+def retry_allowed(row: Backend, budget: float, min_calls: int = BreakerConfig().min_calls) -> bool:
+    """Retries stay under ``budget`` of the backend's calls in the current window; below
+    the breaker's ``min_calls`` the window says too little to refuse one."""
     calls = max(row.window_calls, 1)
-    return (row.window_retries + 1) / calls <= budget or row.window_calls < 5
+    return (row.window_retries + 1) / calls <= budget or row.window_calls < min_calls
+
+
+def half_open_due(session: Session, config: TierqConfig) -> int:
+    """OPEN → HALF_OPEN for every breaker whose recovery timeout has passed, without
+    waiting for a call to arrive (with only parked jobs, none would): the next call, a
+    replayed job's, is the trial."""
+    return sum(
+        _half_open(session, name, config.breaker_for(name), trial_until=None)
+        for name in config.backends
+    )
+
+
+def _half_open(session: Session, backend: str, breaker: BreakerConfig, trial_until: Any) -> bool:
+    """OPEN → HALF_OPEN if the recovery timeout has passed; ``trial_until`` is set when the
+    caller takes the first trial itself."""
+    half_opened = session.scalar(
+        update(Backend)
+        .where(
+            Backend.name == backend,
+            Backend.circuit == Circuit.OPEN,
+            Backend.opened_at <= db_now(-breaker.recovery_timeout),
+        )
+        .values(
+            circuit=Circuit.HALF_OPEN,
+            trial_successes=0,
+            trial_until=trial_until,
+            updated_at=db_now(),
+        )
+        .returning(Backend.name)
+    )
+    if half_opened:
+        _transition(
+            session,
+            backend,
+            Circuit.OPEN,
+            Circuit.HALF_OPEN,
+            f"recovery timeout of {breaker.recovery_timeout:g}s passed",
+        )
+    return half_opened is not None

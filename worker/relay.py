@@ -1,31 +1,40 @@
 """The relay: the one process that turns database state into broker messages.
 
 Besides the API's fast path, nothing else publishes. Each sweep:
-- running jobs whose lease expired go back to queued (or to dead, after too many deliveries);
-- retry_wait jobs that are due, and parked jobs at the replay rate, go back to queued;
-- queued jobs never published, or published long ago with nothing come of it, are published;
+- running jobs whose lease expired go back to queued (or to dead, once their workers died
+  with them too often: a poison job);
+- retry_wait jobs that are due go back to queued; waiting jobs past their deadline fail;
+- parked jobs go back to queued at the replay rate;
+- queued jobs never published are published; of those published long ago, as many as the
+  broker's queue is short of are published again;
 - a broker that came back empty (restart, flush) has every queued job published at once.
-Only one relay is active: on Postgres it holds an advisory lock, on SQLite a file lock.
+Only one relay is active: on Postgres it holds an advisory lock (checked before every step),
+on SQLite a file lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import random
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, exists, func, select, text, update
+import redis
+from sqlalchemy import Connection, Engine, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from tierq import broker
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
 from tierq.events import notify_job_changed, record_event
+from tierq.metrics import redis_queue_depths
 from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
 from tierq.operations import release_parked
 from tierq.settings import Settings
@@ -37,6 +46,24 @@ from worker.webhook_delivery import publish_due_deliveries
 log = logging.getLogger(__name__)
 RELAY_LOCK_ID = 0x7469657271  # "tierq"
 PUBLISH_BATCH = 1000
+SWEEP_JITTER = 0.2  # ± this share of relay_interval between sweeps
+
+
+class LeadershipLost(RuntimeError):
+    """The advisory lock is gone (its connection dropped): another relay may be active."""
+
+
+@dataclass(frozen=True)
+class LiveTier:
+    name: str
+    closed: bool  # False: only half-open trials (or open past its recovery timeout)
+    capacity: int  # concurrent calls its callable backends take (max_concurrency summed)
+
+
+def _blocked() -> Any:
+    """The job waits for the previous turn's job, which has not ended."""
+    before = aliased(Job)
+    return exists().where(before.id == Job.after_job_id, before.status.in_(ACTIVE_STATUSES))
 
 
 class Relay:
@@ -47,37 +74,46 @@ class Relay:
         self._last_sweep = time.monotonic()
         self._saw_outage = False
 
-    def sweep(self) -> dict[str, int]:
-        """One pass; returns how many jobs each step touched (for logs and tests)."""
-        counts = {
-            "expired": self._reclaim_expired(),
-            "woken": self._wake_due(),
-            "replayed": self._replay_parked(),
-            "timed_out": self._fail_past_deadline(),
-        }
-        if self.epoch.lost():
-            counts["broker_reset"] = self._forget_publications()
-            log.warning("broker came back empty; re-publishing every queued job")
-        counts["published"] = self._publish_pending()
-        counts["webhooks"] = publish_due_deliveries()
-        self.epoch.mark()
+    def sweep(self, still_leader: Callable[[], None] = lambda: None) -> dict[str, int]:
+        """One pass; returns how many jobs each step touched (for logs and tests).
+
+        ``still_leader`` raises LeadershipLost; it runs before every step, so a relay that
+        lost its lock stops within one step, not one sweep."""
+        counts: dict[str, int] = {}
+        steps: list[tuple[str, Callable[[], int]]] = [
+            ("expired", self._reclaim_expired),
+            ("woken", self._wake_due),
+            # Before replay: an expired parked job must fail, not spend a replay token.
+            ("timed_out", self._fail_past_deadline),
+            ("half_opened", self._half_open_due),
+            ("replayed", self._replay_parked),
+            ("broker_reset", self._republish_if_broker_lost),
+            ("published", self._publish_pending),
+            ("webhooks", publish_due_deliveries),
+        ]
+        for name, step in steps:
+            still_leader()
+            counts[name] = step()
         return counts
 
     def _reclaim_expired(self) -> int:
+        """A lease that ran out means its worker died (or stalled past it): count it on the
+        job, whose worker dying every time makes it a poison job. Claims themselves (retries,
+        escalations, replays) do not count."""
         expired = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < db_now())
+        limit = self.settings.max_deliveries
+        released = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
         with session_scope() as session:
             dead = session.scalars(
                 update(Job)
-                .where(expired, Job.deliveries >= self.settings.max_deliveries)
+                .where(expired, Job.lost_leases + 1 >= limit)
                 .values(
                     status=JobStatus.DEAD,
+                    lost_leases=Job.lost_leases + 1,
                     finished_at=db_now(),
                     updated_at=db_now(),
-                    lease_token=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    error=f"poison job: delivered {self.settings.max_deliveries} times "
-                    "without finishing",
+                    error=f"poison job: its worker died {limit} times before it finished",
+                    **released,
                 )
                 .returning(Job.id)
             ).all()
@@ -90,11 +126,10 @@ class Relay:
                 .where(expired)
                 .values(
                     status=JobStatus.QUEUED,
+                    lost_leases=Job.lost_leases + 1,
                     published_at=None,
                     updated_at=db_now(),
-                    lease_token=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
+                    **released,
                 )
                 .returning(Job.id)
             ).all()
@@ -115,42 +150,59 @@ class Relay:
                 ).all()
             )
 
+    def _half_open_due(self) -> int:
+        """Open breakers past their recovery timeout become half open here, not only when a
+        call arrives: with nothing but parked jobs there is no call, and a parked job is what
+        should be the trial."""
+        with session_scope() as session:
+            return circuit.half_open_due(session, self.config)
+
     def _replay_parked(self) -> int:
         """Release parked jobs to the first tier that is alive again, highest priority and
         oldest first: one at a time while its breaker is only half open, then at the replay
-        rate (a token bucket), so a recovering backend is not flooded."""
-        now = time.monotonic()
-        rate = self.config.emergency.replay_rate
-        self._replay_credit = min(
-            self._replay_credit + (now - self._last_sweep) * rate, max(rate, 1.0)
-        )
-        self._last_sweep = now
+        rate (a token bucket no deeper than the tier's capacity), so a recovering backend
+        is not flooded."""
         with session_scope() as session:
             live = live_tier(session, self.config)
+            self._refill_replay_credit(live)
             if live is None:
                 self._saw_outage = True
                 self._push_back_retry_after(session)
                 return 0
-            tier, closed = live
-            budget = int(self._replay_credit) if closed else self._trial_budget(session, tier)
+            budget = int(self._replay_credit) if live.closed else self._trial_budget(session, live)
             if budget <= 0:
                 return 0
             ids = session.scalars(
                 select(Job.id)
-                .where(Job.status == JobStatus.PARKED)
+                .where(
+                    Job.status == JobStatus.PARKED,
+                    Job.deadline.is_(None) | (Job.deadline >= db_now()),
+                )
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(budget)
             ).all()
-            released = release_parked(session, list(ids), tier, by="relay")
-        if closed:
+            released = release_parked(session, list(ids), live.name, by="relay")
+        if live.closed:
             self._replay_credit -= len(released)
         return len(released)
 
-    def _trial_budget(self, session: Session, tier: str) -> int:
-        """While a breaker is half open, one replayed job at a time goes to it."""
+    def _refill_replay_credit(self, live: LiveTier | None) -> None:
+        now = time.monotonic()
+        rate = self.config.emergency.replay_rate
+        burst = max(1.0, min(rate, live.capacity)) if live else 1.0
+        elapsed = now - self._last_sweep
+        self._replay_credit = min(self._replay_credit + elapsed * rate, burst)
+        self._last_sweep = now
+
+    def _trial_budget(self, session: Session, live: LiveTier) -> int:
+        """While a breaker is half open, one replayed job at a time goes to it. Jobs queued
+        behind a parked predecessor do not count: they wait for it, it must not wait for
+        them."""
         busy = session.scalar(
             select(func.count()).where(
-                Job.tier == tier, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+                Job.tier == live.name,
+                (Job.status == JobStatus.RUNNING)
+                | ((Job.status == JobStatus.QUEUED) & ~_blocked()),
             )
         )
         return 0 if busy else 1
@@ -182,6 +234,15 @@ class Relay:
                 notify_job_changed(session, job_id)
         return len(failed)
 
+    def _republish_if_broker_lost(self) -> int:
+        if not self.epoch.lost():
+            return 0
+        # Marked before publishing: a flush during the publishes below removes the new
+        # marker too, and the next sweep notices it.
+        self.epoch.mark()
+        log.warning("broker came back empty; re-publishing every queued job")
+        return self._forget_publications()
+
     def _forget_publications(self) -> int:
         with session_scope() as session:
             return len(
@@ -194,21 +255,15 @@ class Relay:
             )
 
     def _publish_pending(self) -> int:
-        before = aliased(Job)
-        blocked = exists().where(before.id == Job.after_job_id, before.status.in_(ACTIVE_STATUSES))
-        stale = Job.published_at < db_now(-self.settings.republish_after)
         with session_scope() as session:
             rows = session.execute(
                 select(Job.id, Job.tier)
-                .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None) | stale, ~blocked)
+                .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None), ~_blocked())
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(PUBLISH_BATCH)
             ).all()
-        published: list[uuid.UUID] = [
-            row.id
-            for row in rows
-            if broker.publish(row.id, row.tier, retry_policy=broker.RELAY_RETRY)
-        ]
+            rows += self._missing_messages(session)
+        published = _publish_until_failure(rows)
         if published:
             with session_scope() as session:
                 session.execute(
@@ -216,38 +271,145 @@ class Relay:
                 )
         return len(published)
 
+    def _missing_messages(self, session: Session) -> list[Any]:
+        """Jobs published long ago whose message may be gone, as many per tier as the
+        broker's queue is short of the jobs that should have one; oldest publication first.
+
+        Republishing every stale job instead would add the whole backlog to the queue each
+        ``republish_after`` while it drains. Here the queue never holds more messages than
+        there are queued jobs (plus duplicates the workers drop). A message a worker has
+        reserved but not yet claimed is not in the queue: at most one per worker process
+        is published twice, and the second copy is a no-op."""
+        depths = self._queue_depths()
+        if depths is None:
+            return []
+        published = (Job.status == JobStatus.QUEUED) & Job.published_at.is_not(None) & ~_blocked()
+        expected: dict[str, int] = dict(
+            session.execute(
+                select(Job.tier, func.count()).where(published).group_by(Job.tier)
+            ).all()
+        )
+        stale = Job.published_at < db_now(-self.settings.republish_after)
+        rows: list[Any] = []
+        for tier, count in expected.items():
+            shortfall = min(count - depths.get(tier, 0), PUBLISH_BATCH - len(rows))
+            if shortfall <= 0:
+                continue
+            rows += session.execute(
+                select(Job.id, Job.tier)
+                .where(published, stale, Job.tier == tier)
+                .order_by(Job.published_at, Job.created_at)
+                .limit(shortfall)
+            ).all()
+        return rows
+
+    def _queue_depths(self) -> dict[str, int] | None:
+        """Messages waiting per tier queue; None when the broker cannot be counted (then
+        nothing published is published again: a broker we cannot count is one that does not
+        lose messages silently, RabbitMQ, or the folder broker, which the epoch marker
+        covers)."""
+        url = self.settings.effective_broker_url
+        if not url.startswith(("redis://", "rediss://")):
+            return None
+        try:
+            return redis_queue_depths(url, self.config.tier_names)
+        except redis.RedisError as exc:
+            log.warning("cannot count the broker's queues (%s); republishing nothing", exc)
+            return None
+
+
+def _publish_until_failure(rows: list[Any]) -> list[uuid.UUID]:
+    """Publish in order; stop at the first failure: with the broker down every publish
+    would wait out its retries, and the relay must get back to reclaiming leases."""
+    published: list[uuid.UUID] = []
+    for row in rows:
+        if not broker.publish(row.id, row.tier, retry_policy=broker.RELAY_RETRY):
+            break
+        published.append(row.id)
+    return published
+
+
+class Leadership:
+    """This process is the one active relay while it holds the advisory lock on ``conn``.
+
+    The lock belongs to the connection's Postgres session: if the connection drops
+    (Postgres restarted, backend terminated), the lock is released and a standby takes it.
+    ``check`` asks Postgres whether our session still holds it, before every sweep step."""
+
+    def __init__(self, conn: Connection | None) -> None:
+        self._conn = conn
+
+    def check(self) -> None:
+        if self._conn is None:
+            return  # SQLite: a file lock held by an open file cannot be lost
+        try:
+            held = self._conn.scalar(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND pid = pg_backend_pid() AND granted AND objsubid = 1"
+                    " AND ((classid::bigint << 32) | objid::bigint) = :id)"
+                ),
+                {"id": RELAY_LOCK_ID},
+            )
+            self._conn.rollback()
+        except Exception as exc:
+            raise LeadershipLost(f"the lock's connection failed: {exc}") from exc
+        if not held:
+            raise LeadershipLost("the advisory lock is no longer held")
+
 
 @contextmanager
-def leadership(engine: Engine, settings: Settings) -> Iterator[Any]:
+def leadership(
+    engine: Engine, settings: Settings, stop: threading.Event | None = None
+) -> Iterator[Leadership]:
     """Block until this process is the one active relay; hold it until the block ends."""
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
+            waiting = stop or threading.Event()
             while not conn.scalar(text("SELECT pg_try_advisory_lock(:id)"), {"id": RELAY_LOCK_ID}):
                 conn.rollback()
-                time.sleep(1)
+                if waiting.wait(1):
+                    raise LeadershipLost("stopped before becoming the leader")
             conn.commit()
-            yield conn
+            try:
+                yield Leadership(conn)
+            finally:
+                _unlock(conn)
         return
     settings.home.mkdir(parents=True, exist_ok=True)
     with open(settings.home / "relay.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        yield handle
+        yield Leadership(None)
 
 
-def live_tier(session: Session, config: TierqConfig) -> tuple[str, bool] | None:
-    """The first model tier with a backend that may take calls, and whether one of its
-    breakers is fully closed (False: only half-open trials, or open past recovery)."""
+def _unlock(conn: Connection) -> None:
+    """Leaving on purpose: let a standby take over now, not when the connection closes
+    (a pooled connection is not closed, and would keep the lock)."""
+    try:
+        conn.rollback()
+        conn.execute(text("SELECT pg_advisory_unlock_all()"))
+        conn.commit()
+    except Exception:
+        conn.invalidate()  # a broken connection: drop it, and the lock with it
+
+
+def live_tier(session: Session, config: TierqConfig) -> LiveTier | None:
+    """The first model tier with a backend that may take calls, whether one of its
+    breakers is fully closed, and how many calls its callable backends take at once."""
     rows = {row.name: row for row in session.scalars(select(Backend))}
     now = session.scalar(select(db_now()))
     for tier in config.tiers:
-        states = [
-            _callable_state(rows.get(b.name), config.breaker_for(b.name).recovery_timeout, now)
+        states = {
+            b.name: _callable_state(
+                rows.get(b.name), config.breaker_for(b.name).recovery_timeout, now
+            )
             for b in tier.backends
-        ]
-        if "closed" in states:
-            return tier.name, True
-        if "trial" in states:
-            return tier.name, False
+        }
+        capacity = sum(b.max_concurrency for b in tier.backends if states[b.name] is not None)
+        if "closed" in states.values():
+            return LiveTier(tier.name, True, capacity)
+        if "trial" in states.values():
+            return LiveTier(tier.name, False, capacity)
     return None
 
 
@@ -274,23 +436,53 @@ def _as_datetime(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def run_forever(config: TierqConfig, settings: Settings, prober: Prober | None = None) -> None:
-    relay = Relay(config, settings)
-    engine = get_engine()
+def _pause(settings: Settings, stop: threading.Event) -> None:
+    """Sleep between sweeps, jittered so relays and probes do not fall into step."""
+    jitter = random.uniform(-SWEEP_JITTER, SWEEP_JITTER)
+    stop.wait(settings.relay_interval * (1 + jitter))
+
+
+def lead(relay: Relay, leader: Leadership, stop: threading.Event) -> None:
+    """Sweep for as long as we hold leadership (LeadershipLost ends it) or until ``stop``."""
+    while not stop.is_set():
+        counts = relay.sweep(leader.check)
+        if any(counts.values()):
+            log.info("relay sweep: %s", counts)
+        _pause(relay.settings, stop)
+
+
+def run(
+    relay: Relay,
+    engine: Engine,
+    prober: Prober | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Wait for leadership, sweep while it lasts, and wait again; until ``stop`` is set."""
+    stop = stop or threading.Event()
+    settings = relay.settings
+    if prober is not None:
+        prober.start()  # once per process; it probes only while we lead
     log.info("relay waiting for leadership")
-    while True:
+    while not stop.is_set():
         try:
-            with leadership(engine, settings):
+            with leadership(engine, settings, stop) as leader:
                 log.info("relay active")
                 with session_scope() as session:
-                    circuit.ensure_rows(session, config)
+                    circuit.ensure_rows(session, relay.config)
                 if prober is not None:
-                    prober.start()
-                while True:
-                    counts = relay.sweep()
-                    if any(counts.values()):
-                        log.info("relay sweep: %s", counts)
-                    time.sleep(settings.relay_interval)
+                    prober.active.set()
+                try:
+                    lead(relay, leader, stop)
+                finally:
+                    if prober is not None:
+                        prober.active.clear()
+        except LeadershipLost as exc:
+            if not stop.is_set():
+                log.warning("relay lost leadership (%s); waiting to be elected again", exc)
         except Exception as exc:  # database or broker down: keep trying, lose nothing
             log.warning("relay sweep failed (%s: %s); retrying", type(exc).__name__, exc)
-            time.sleep(settings.relay_interval)
+            _pause(settings, stop)
+
+
+def run_forever(config: TierqConfig, settings: Settings, prober: Prober | None = None) -> None:
+    run(Relay(config, settings), get_engine(), prober)

@@ -134,7 +134,7 @@ def _publish_due(settings: WebhookSettings) -> int:
             .order_by(WebhookDelivery.next_attempt_at)
             .limit(PUBLISH_BATCH)
         ).all()
-    published = [delivery_id for delivery_id in due if _publish(delivery_id)]
+    published = _publish_until_failure(list(due))
     if published:
         with session_scope() as session:
             session.execute(
@@ -143,6 +143,18 @@ def _publish_due(settings: WebhookSettings) -> int:
                 .values(published_at=db_now())
             )
     return len(reclaimed) + len(published)
+
+
+def _publish_until_failure(due: list[str]) -> list[str]:
+    """Stop at the first failed publish: with the broker down each one waits out its
+    retries, and a thousand of them would keep the relay from reclaiming leases for
+    minutes. The rest are published on a later sweep."""
+    published = []
+    for delivery_id in due:
+        if not _publish(delivery_id):
+            break
+        published.append(delivery_id)
+    return published
 
 
 # -- the worker's part -----------------------------------------------------------------
