@@ -161,6 +161,79 @@ def test_unsafe_webhook_url_is_a_422_naming_the_field_and_writes_nothing(
     assert counts(env["TIERQ_DATABASE_URL"]) == before
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/jobs", BODY),
+        ("/v1/chat/completions", BODY),
+        ("/v1/chat/completions", {**BODY, "stream": True}),
+    ],
+)
+def test_a_name_that_resolves_to_a_private_address_is_a_422_naming_the_field(
+    client: TestClient, env: dict[str, str], path: str, body: dict[str, Any]
+) -> None:
+    key = new_key()
+    before = counts(env["TIERQ_DATABASE_URL"])
+    response = client.post(
+        path, json={**body, "webhook_url": "http://localhost:9/hook"}, headers=key.headers
+    )
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert [e["field"] for e in problem["errors"]] == ["webhook_url"], problem
+    assert "resolves to" in problem["detail"] and "loopback" in problem["detail"], problem
+    if path == "/v1/chat/completions":
+        assert problem["error"]["param"] == "webhook_url"  # what the OpenAI SDK shows
+    conversation = client.post("/v1/conversations", json={}, headers=key.headers).json()["id"]
+    message = client.post(
+        f"/v1/conversations/{conversation}/messages",
+        json={**BODY, "webhook_url": "http://localhost:9/hook"},
+        headers=key.headers,
+    )
+    assert message.status_code == 422 and message.json()["errors"][0]["field"] == "webhook_url"
+    assert counts(env["TIERQ_DATABASE_URL"])[:2] == before[:2]  # no job, no turn
+
+
+SLOW_NAME = "slow-dns.tierq.test"  # stands for a name server that takes its time
+
+
+def test_waiting_for_dns_does_not_stall_other_requests(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from tierq.webhooks import webhook_settings
+
+    resolving = threading.Event()
+    slow = webhook_settings().resolve_timeout * 0.75  # answers, but just in time
+    real_getaddrinfo = socket.getaddrinfo
+
+    def slow_dns(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != SLOW_NAME:
+            return real_getaddrinfo(host, *args, **kwargs)
+        resolving.set()
+        time.sleep(slow)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.8.7", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    key = new_key()
+    submitted: list[Any] = []
+    body = {**BODY, "webhook_url": f"http://{SLOW_NAME}/hook"}
+    submit = threading.Thread(
+        target=lambda: submitted.append(client.post("/v1/jobs", json=body, headers=key.headers))
+    )
+    submit.start()
+    assert resolving.wait(10)
+    started = time.monotonic()
+    assert client.get("/health/live").status_code == 200
+    served_in = time.monotonic() - started
+    submit.join(10)
+    assert served_in < slow / 2, served_in  # not queued behind the name lookup
+    assert submitted[0].status_code == 422
+    assert submitted[0].json()["errors"][0]["field"] == "webhook_url"
+    assert "10.9.8.7" in submitted[0].json()["detail"]
+
+
 def test_private_receiver_allowed_when_configured(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

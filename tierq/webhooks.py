@@ -217,17 +217,29 @@ def _resolver_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
 
 
+def check_syntax(url: str, settings: WebhookSettings | None = None) -> Target:
+    """What can be checked without the network: the syntax, and a host that is a literal
+    address (unless private targets are allowed). Raises UnsafeWebhookURL."""
+    settings = settings or webhook_settings()
+    target = parse_url(url)
+    literal = _literal(target.host)
+    if literal is not None and not settings.allow_private:
+        refuse_non_public(target, [literal])
+    return target
+
+
 def check_url(url: str, settings: WebhookSettings | None = None) -> str:
     """Submit-time check of a webhook URL: the syntax, then (unless private targets are
     allowed) every address its host resolves to. Raises UnsafeWebhookURL.
 
-    DNS is waited for at most ``resolve_timeout``; a host that does not resolve (yet) is
-    accepted, since the delivery worker checks the resolved address again before every
-    request (DNS can change between submit and delivery) and sends only to that address.
+    Blocks for DNS, up to ``resolve_timeout``: call it from a worker thread, never on an
+    event loop. A host that does not resolve (yet) is accepted, since the delivery worker
+    checks the resolved address again before every request (DNS can change between submit
+    and delivery) and sends only to that address.
     """
     settings = settings or webhook_settings()
-    target = parse_url(url)
-    if settings.allow_private:
+    target = check_syntax(url, settings)
+    if settings.allow_private or _literal(target.host) is not None:
         return url
     future = _resolver_pool().submit(resolve, target)
     try:
@@ -239,13 +251,17 @@ def check_url(url: str, settings: WebhookSettings | None = None) -> str:
 
 
 def _validate(url: str) -> str:
+    # Syntax only: request bodies are validated on the API's event loop, where waiting for
+    # DNS would stall every other request. The endpoint resolves the host in a thread.
     try:
-        return check_url(url)
+        check_syntax(url)
     except UnsafeWebhookURL as exc:
         raise ValueError(str(exc)) from None
+    return url
 
 
-# The request field: a 422 naming `webhook_url` when the URL may not receive webhooks.
+# The request field: a 422 naming `webhook_url` when the URL is malformed or a non-public
+# literal address; endpoints then call check_url (off the event loop) for host names.
 WebhookURL = Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_validate)]
 
 

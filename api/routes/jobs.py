@@ -22,14 +22,33 @@ from api.submit import accept
 from tierq.db import db_now, session_scope
 from tierq.events import notify_job_changed, record_event
 from tierq.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus
+from tierq.webhooks import UnsafeWebhookURL, check_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
+def check_webhook_target(body: JobCreate) -> None:
+    """The network half of the ``webhook_url`` check (the field's validator does the
+    syntax): its host must not resolve to a non-public address. Waits for DNS, so it runs
+    in a worker thread (sync endpoints, or ``run_in_threadpool``), never on the loop."""
+    if body.webhook_url is None:
+        return
+    try:
+        check_url(body.webhook_url)
+    except UnsafeWebhookURL as exc:
+        raise Problem(
+            422,
+            "Invalid request",
+            f"webhook_url: {exc}",
+            errors=[{"field": "webhook_url", "message": str(exc)}],
+        ) from None
+
+
 def submit_response(
     request: Request, caller: Caller, body: JobCreate, idempotency_key: str | None
 ) -> Response:
+    check_webhook_target(body)  # called from sync endpoints: already off the event loop
     accepted = accept(caller.key_id, body, idempotency_key, request.app.state.tier_config)
     headers = {"Location": f"/v1/jobs/{accepted.job.id}"}
     if accepted.replayed:

@@ -42,7 +42,7 @@ from sqlalchemy import select
 from api.auth import Caller, current_caller
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
-from api.routes.jobs import IdempotencyKey, wait_for_end
+from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
 from api.schemas import JobCreate, utc
 from api.submit import accept
 from tierq.db import session_scope
@@ -290,6 +290,7 @@ async def create_chat_completion(
     idempotency_key: IdempotencyKey = None,
     read_timeout: Annotated[str | None, Header(alias="x-stainless-read-timeout")] = None,
 ) -> Response:
+    await run_in_threadpool(check_webhook_target, body)  # DNS: never on the event loop
     if body.stream:
         accepted = await run_in_threadpool(
             accept,
