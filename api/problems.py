@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 DB_RETRY_AFTER = "5"
 
@@ -37,8 +39,18 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+# Parts of a pydantic error location that name a member of a union type (str | list[str])
+# rather than a field: "list[str]", "function-after[_no_nul(), str]", "str", ...
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS))
+    ]
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
@@ -72,7 +84,18 @@ async def _on_database_down(_request: Request, exc: Exception) -> JSONResponse:
 async def _on_dbapi(request: Request, exc: DBAPIError) -> JSONResponse:
     if exc.connection_invalidated or isinstance(exc, OperationalError):
         return await _on_database_down(request, exc)
-    raise exc
+    return await _on_unexpected(request, exc)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The details go to the log, never to the client: an exception's text can hold SQL,
+    # row values or connection strings. The path only: a query string may carry a token.
+    log.error(
+        "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc
+    )
+    return problem_response(
+        500, "Internal error", "The server failed to handle the request; the error is logged."
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -80,3 +103,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _on_dbapi)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)

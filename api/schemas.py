@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from tierq.models import Job, Turn
 from tierq.webhooks import WebhookURL
@@ -14,12 +14,23 @@ from tierq.webhooks import WebhookURL
 Role = Literal["system", "user", "assistant"]
 
 
+def _no_nul(value: str) -> str:
+    # Postgres text and jsonb cannot hold U+0000: refused here, as bad input naming the
+    # field, rather than by the database as a server error after the request was taken.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    content: str = Field(min_length=1, max_length=1_000_000)
-    name: str | None = Field(None, max_length=64)
+    content: Text = Field(min_length=1, max_length=1_000_000)
+    name: Text | None = Field(None, max_length=64)
 
 
 class ChatParams(BaseModel):
@@ -27,16 +38,16 @@ class ChatParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=255)
+    model: Text = Field(min_length=1, max_length=255)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
 
 
 class TierqOptions(BaseModel):
@@ -47,9 +58,16 @@ class TierqOptions(BaseModel):
     @field_validator("deadline")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             raise ValueError("must include a timezone offset, e.g. 2026-01-01T00:00:00Z")
-        return value
+        # In UTC, as every stored time: SQLite keeps a datetime's wall time and drops its
+        # offset, so 12:00+02:00 would be read back as 12:00 UTC, two hours late.
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of range") from None
 
 
 class JobCreate(ChatParams, TierqOptions):
@@ -83,7 +101,7 @@ class MessageCreate(JobCreate):
 class ConversationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    system: str | None = Field(None, min_length=1, max_length=100_000)
+    system: Text | None = Field(None, min_length=1, max_length=100_000)
 
 
 def utc(value: datetime | None) -> datetime | None:

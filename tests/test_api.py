@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -114,6 +115,12 @@ def test_idempotency_key(client: TestClient, api_key: str, env: dict) -> None:
         ({**BODY, "bogus": 1}, "bogus"),
         ({**BODY, "conversation_id": "not-a-uuid"}, "conversation_id"),
         ({**BODY, "conversation_id": str(uuid.uuid4())}, "conversation_id"),
+        ({**BODY, "deadline": "0001-01-01T00:00:00+14:00"}, "deadline"),  # before year 1 in UTC
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "a\u0000b"}]},
+            "messages.0.content",
+        ),
+        ({**BODY, "stop": ["ok", "\u0000"]}, "stop.1"),
     ],
 )
 def test_bad_input_is_a_problem_naming_the_field_and_writes_nothing(
@@ -277,3 +284,75 @@ def test_long_poll_hears_an_end_that_commits_while_it_reads_the_job(
     assert polled.json()["status"] == "succeeded"
     # Woken by the notification, not by the safety re-check that comes SAFETY_RECHECK later.
     assert elapsed < SAFETY_RECHECK - 1
+
+
+def test_an_unexpected_error_is_a_problem_500_that_reveals_nothing(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error no handler expects (here: one from the database that is not an outage, and
+    one from plain code) is logged with its details and answered with a bare problem."""
+    from sqlalchemy import text
+
+    from api.app import create_app
+    from tierq.db import session_scope
+
+    app = create_app()
+
+    @app.get("/test/database-error")
+    def database_error() -> None:
+        with session_scope() as session:
+            session.execute(text("SELECT 1 / 0 AS secret_column_name"))
+
+    @app.get("/test/code-error")
+    def code_error() -> None:
+        raise RuntimeError("s3cr3t-token-in-a-message")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for path, secret in (
+            ("/test/database-error", "secret_column_name"),
+            ("/test/code-error", "s3cr3t-token-in-a-message"),
+        ):
+            caplog.clear()
+            response = client.get(path)
+            assert response.status_code == 500
+            assert response.headers["content-type"] == "application/problem+json"
+            problem = response.json()
+            assert problem["status"] == 500 and problem["title"] == "Internal error"
+            assert secret not in response.text and "Traceback" not in response.text
+            assert any(
+                secret in r.getMessage() or secret in (r.exc_text or "") for r in caplog.records
+            )
+
+
+DEADLINE_WITH_OFFSET = "2031-06-01T12:00:00+02:00"
+DEADLINE_IN_UTC = "2031-06-01T10:00:00Z"
+
+
+def test_a_deadline_with_an_offset_is_kept_as_the_same_instant(
+    client: TestClient, api_key: str
+) -> None:
+    body = {**BODY, "deadline": DEADLINE_WITH_OFFSET}
+    job = client.post("/v1/jobs", json=body, headers=auth(api_key)).json()
+    assert job["deadline"] == DEADLINE_IN_UTC
+    fetched = client.get(f"/v1/jobs/{job['id']}", headers=auth(api_key)).json()
+    assert fetched["deadline"] == DEADLINE_IN_UTC
+
+
+@pytest.mark.slow
+def test_a_deadline_with_an_offset_is_kept_as_the_same_instant_on_sqlite(tmp_path: Path) -> None:
+    """SQLite stores a datetime's wall time without its offset: it must be UTC already."""
+    import sqlite3
+
+    from tests.deployment import deployment
+
+    with deployment(tmp_path, "sqlite-filesystem") as d:
+        d.stack.api()
+        with d.client() as http:
+            job = d.submit(http, deadline=DEADLINE_WITH_OFFSET).json()
+            fetched = http.get(f"/v1/jobs/{job['id']}").json()
+        assert fetched["deadline"] == DEADLINE_IN_UTC
+        with sqlite3.connect(tmp_path / "tierq.db") as db:
+            (stored,) = db.execute(
+                "SELECT deadline FROM jobs WHERE id = ?", (uuid.UUID(job["id"]).hex,)
+            ).fetchone()
+        assert stored.startswith("2031-06-01 10:00:00"), stored
