@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 import traceback
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -126,6 +127,38 @@ def test_stream(
     assert len(deltas) == len(ANSWER.split())  # the simulator streams one word per delta
     assert "".join(deltas) == ANSWER
     assert answer == ChatAnswer(ANSWER, "stop", 5, len(deltas), "m-1")
+
+
+@pytest.mark.parametrize("how", ["chat", "stream"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_call_can_ask_for_another_model(
+    protocol: str, how: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+) -> None:
+    client = client_for(make_config(protocol, sim_url), http=shared_http)
+    if how == "chat":
+        answer = client.chat(REQUEST, model="smaller-1")
+    else:
+        answer = drain(client.stream(REQUEST, model="smaller-1"))[1]
+    assert answer.model == "smaller-1"  # the simulator answers as the model it was asked for
+    assert call(client, how).model == "m-1"  # the next call is back to the configured one
+
+
+@pytest.mark.parametrize("how", ["chat", "stream"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_call_timeout_caps_the_backend_timeouts(
+    protocol: str, how: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+) -> None:
+    control.set_faults(mode="hang")
+    client = client_for(make_config(protocol, sim_url, read_timeout=5), http=shared_http)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        if how == "chat":
+            client.chat(REQUEST, timeout=0.3)
+        else:
+            drain(client.stream(REQUEST, timeout=0.3))
+    assert caught.value.error_class is ErrorClass.TIMEOUT
+    assert "after 0.3s" in caught.value.message
+    assert time.monotonic() - started < 2.5  # far below the configured 5 s
 
 
 @pytest.mark.parametrize("how", ["chat", "stream"])

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from tierq.db import db_now
@@ -45,6 +46,7 @@ def claim(
             lease_owner=owner,
             lease_expires_at=db_now(seconds),
             deliveries=Job.deliveries + 1,
+            calling_backend=None,  # a dead worker's call is not ours
             updated_at=db_now(),
         )
         .returning(Job.id)
@@ -78,18 +80,70 @@ def _release(session: Session, lease: Lease, **values: Any) -> bool:
     done = session.scalar(
         _fenced(lease)
         .values(
-            lease_token=None, lease_owner=None, lease_expires_at=None, updated_at=db_now(), **values
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            calling_backend=None,
+            updated_at=db_now(),
+            **values,
         )
         .returning(Job.id)
     )
     return done is not None
 
 
+def _live_call() -> Any:
+    """A call in flight: its job is running under a lease that has not run out (database
+    clock), so a worker that died mid-call stops counting once its lease expires."""
+    return (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at > db_now())
+
+
+def calls_in_flight(session: Session, backends: list[str]) -> dict[str, int]:
+    """Calls in flight per backend, across every worker."""
+    rows = session.execute(
+        select(Job.calling_backend, func.count())
+        .where(Job.calling_backend.in_(backends), _live_call())
+        .group_by(Job.calling_backend)
+    ).all()
+    return {name: count for name, count in rows}
+
+
+def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
+    """Take one of ``backend``'s ``cap`` call slots for this job, if one is free.
+
+    The count is part of the conditional UPDATE; two workers can still both see a free
+    slot under Postgres's READ COMMITTED, so the caller holds the backend's row lock
+    (routing.choose), which serializes slot-taking per backend.
+    """
+    other = aliased(Job)
+    in_flight = (
+        select(func.count())
+        .where(
+            other.calling_backend == backend,
+            other.status == JobStatus.RUNNING,
+            other.lease_expires_at > db_now(),
+            other.id != lease.job_id,
+        )
+        .scalar_subquery()
+    )
+    taken = session.scalar(
+        _fenced(lease).where(in_flight < cap).values(calling_backend=backend).returning(Job.id)
+    )
+    return taken is not None
+
+
+def end_call(session: Session, lease: Lease) -> None:
+    """Give the call slot back (fenced: a lost lease's slot is no longer this worker's)."""
+    session.execute(_fenced(lease).values(calling_backend=None))
+
+
 def record_attempt(session: Session, lease: Lease, **fields: Any) -> None:
+    """The attempt row always (the call happened); the job's counters only while the lease
+    is ours, or a worker that lost the job would use up its next owner's tries."""
     session.add(Attempt(job_id=lease.job_id, worker=lease.owner, **fields))
     session.execute(
         update(Job)
-        .where(Job.id == lease.job_id)
+        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
         .values(attempts=Job.attempts + 1, tier_attempts=Job.tier_attempts + 1)
     )
 
@@ -206,6 +260,21 @@ def deadline_within(session: Session, job_id: uuid.UUID, seconds: float) -> bool
             )
         )
     )
+
+
+def seconds_left(session: Session, job_id: uuid.UUID) -> float | None:
+    """Seconds until the job's deadline by the database clock (negative: passed); None if
+    it has none."""
+    deadline, now = session.execute(select(Job.deadline, db_now()).where(Job.id == job_id)).one()
+    if deadline is None:
+        return None
+    return (as_aware(deadline) - as_aware(now)).total_seconds()
+
+
+def as_aware(value: datetime | str) -> datetime:
+    if isinstance(value, str):  # SQLite hands back db_now() as text
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def deadline_passed(session: Session, job_id: uuid.UUID) -> bool:

@@ -8,9 +8,9 @@ static message (``static``). None of them may apply; then the job is parked.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tierq.config import MinimalConfig
+from tierq.config import MinimalConfig, load_callable
 from tierq.db import db_now
 from tierq.models import Job, JobStatus
 
@@ -47,15 +47,18 @@ def cache_key(request: dict[str, Any]) -> str:
 
 @lru_cache
 def _rules(path: str) -> Callable[[dict[str, Any]], str | None]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return load_callable(path)  # type: ignore[return-value]
 
 
-def _cached(session: Session, key: str, max_age: float) -> MinimalAnswer | None:
+def _cached(
+    session: Session, key: str, max_age: float, owner_id: uuid.UUID
+) -> MinimalAnswer | None:
+    # Only the same key's own answers: another tenant's answer may hold its private data.
     row = session.execute(
         select(Job.id, Job.result)
         .where(
             Job.cache_key == key,
+            Job.owner_id == owner_id,
             Job.status == JobStatus.SUCCEEDED,
             Job.quality.in_(CACHEABLE_QUALITY),
             Job.finished_at >= db_now(-max_age),
@@ -70,10 +73,11 @@ def _cached(session: Session, key: str, max_age: float) -> MinimalAnswer | None:
 
 
 def answer(
-    session: Session, config: MinimalConfig, request: dict[str, Any]
+    session: Session, config: MinimalConfig, request: dict[str, Any], owner_id: uuid.UUID
 ) -> MinimalAnswer | None:
+    """The minimal tier's answer to ``owner_id``'s request, or None."""
     if config.cache_max_age > 0 and (
-        hit := _cached(session, cache_key(request), config.cache_max_age)
+        hit := _cached(session, cache_key(request), config.cache_max_age, owner_id)
     ):
         return hit
     if config.rules:

@@ -1,25 +1,40 @@
-"""Choosing a backend inside a tier: skip what is disabled, down or open; spread the rest.
+"""Choosing a backend inside a tier: skip what is disabled, down, open or full; spread the rest.
 
-Among the live backends the choice is random, weighted by the inverse of their recent
-latency and by the slow-start ramp of a breaker that just closed, so a recovered backend
-gets a growing share of traffic instead of all of it at once.
+A backend takes at most ``max_concurrency`` calls at once, counted across every worker
+from the database (running jobs whose ``calling_backend`` names it, under a live lease).
+Right after its breaker closes, the slow-start ramp lowers that cap (ramp * max_concurrency,
+at least 1), so a just-recovered backend gets a growing share of traffic even when it is the
+only one in its tier. Healthy backends come before degraded (slow) ones; among equals the
+choice is random, weighted by the inverse of recent latency, the ramp and free slots.
+
+Taking a slot is race-safe: on Postgres ``choose`` first takes a transaction-level advisory
+lock per backend of the tier (in name order, so two workers never deadlock; only choosers take
+them, so nothing else can wait on them), then counts, and the slot is a conditional UPDATE.
+Two workers therefore cannot both take a backend's last slot. SQLite serializes writers, and
+the conditional UPDATE is the guard there.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.db import db_now
 from tierq.models import Backend
-from worker import circuit
+from worker import circuit, claim
 
 LATENCY_FLOOR_MS = 50.0
+# Key space of the call-slot advisory locks (two-int form: apart from the relay's lock).
+SLOT_LOCK_SPACE = 0x74716373  # "tqcs"
+MIN_RAMP = 0.1
+# Lower is preferred; "unknown" (not probed yet) is given the benefit of the doubt.
+HEALTH_RANK = {"healthy": 0, "unknown": 0, "degraded": 1}
 
 
 @dataclass(frozen=True)
@@ -28,59 +43,135 @@ class Route:
     permit: circuit.Permit
 
 
-def _weight(row: Backend, now: datetime, slow_start: float) -> float:
-    weight = 1.0 / (LATENCY_FLOOR_MS + (row.last_latency_ms or 0.0))
-    if slow_start > 0 and row.closed_at is not None:
-        ramp = (now - _aware(row.closed_at)).total_seconds() / slow_start
-        weight *= min(max(ramp, 0.1), 1.0)
-    return weight
+@dataclass(frozen=True)
+class Full:
+    """Every backend of the tier that would take a call is at its concurrency cap: the tier
+    is busy, not dead."""
+
+    backends: tuple[str, ...]
 
 
-def _ordered(
-    candidates: list[tuple[BackendConfig, Backend]], now: datetime, config: TierqConfig
-) -> list[tuple[BackendConfig, Backend]]:
-    """Weighted random order without replacement (Efraimidis-Spirakis keys)."""
+@dataclass(frozen=True)
+class _Candidate:
+    config: BackendConfig
+    row: Backend
+    ramp: float
+    in_flight: int
 
-    def key(pair: tuple[BackendConfig, Backend]) -> float:
-        weight = _weight(pair[1], now, config.breaker_for(pair[0].name).slow_start_seconds)
-        return random.random() ** (1.0 / weight)
+    @property
+    def cap(self) -> int:
+        return effective_cap(self.config, self.ramp)
 
-    return sorted(candidates, key=key, reverse=True)
+    @property
+    def has_slot(self) -> bool:
+        return self.in_flight < self.cap
 
 
-def choose(
-    session: Session, config: TierqConfig, tier: TierConfig, pinned: str | None = None
-) -> Route | None:
-    """A backend of ``tier`` that may be called now, with its breaker permit; None if none."""
-    wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
+def ramp(row: Backend, now: datetime, slow_start: float) -> float:
+    """Share of full traffic a backend takes, growing from MIN_RAMP to 1 over
+    ``slow_start`` seconds after its breaker closed."""
+    if slow_start <= 0 or row.closed_at is None:
+        return 1.0
+    elapsed = (now - claim.as_aware(row.closed_at)).total_seconds()
+    return min(max(elapsed / slow_start, MIN_RAMP), 1.0)
+
+
+def effective_cap(backend: BackendConfig, ramp_share: float) -> int:
+    return max(1, math.floor(ramp_share * backend.max_concurrency))
+
+
+def _weight(candidate: _Candidate) -> float:
+    latency = 1.0 / (LATENCY_FLOOR_MS + (candidate.row.last_latency_ms or 0.0))
+    free = (candidate.cap - candidate.in_flight) / candidate.cap
+    return latency * candidate.ramp * free
+
+
+def _ordered(candidates: list[_Candidate]) -> list[_Candidate]:
+    """Healthy first; within a health, weighted random order without replacement
+    (Efraimidis-Spirakis keys)."""
+
+    def key(candidate: _Candidate) -> tuple[int, float]:
+        rank = HEALTH_RANK.get(candidate.row.health, 0)
+        return rank, -(random.random() ** (1.0 / _weight(candidate)))
+
+    return sorted(candidates, key=key)
+
+
+def _lock_slots(session: Session, backends: list[BackendConfig]) -> None:
+    """Until the caller commits, no other worker counts or takes these backends' slots."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for name in sorted(b.name for b in backends):  # one statement each: the order is ours
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, hashtext(:name))"),
+            {"space": SLOT_LOCK_SPACE, "name": name},
+        )
+
+
+def _rows(
+    session: Session, config: TierqConfig, wanted: list[BackendConfig]
+) -> tuple[dict[str, Backend], datetime | None]:
+    """The backends' rows and the database's time."""
     rows_and_now = session.execute(
         select(Backend, db_now()).where(Backend.name.in_([b.name for b in wanted]))
     ).all()
     if len(rows_and_now) < len(wanted):
         circuit.ensure_rows(session, config)
-        return choose(session, config, tier, pinned)
+        return _rows(session, config, wanted)
     rows = {row.name: row for row, _ in rows_and_now}
-    now = _aware(rows_and_now[0][1]) if rows_and_now else None
+    now = claim.as_aware(rows_and_now[0][1]) if rows_and_now else None
+    return rows, now
+
+
+def _candidates(
+    session: Session, config: TierqConfig, wanted: list[BackendConfig]
+) -> list[_Candidate]:
+    _lock_slots(session, wanted)
+    rows, now = _rows(session, config, wanted)
+    if now is None:
+        return []
     live = [
         (b, rows[b.name])
         for b in wanted
         if not rows[b.name].disabled and rows[b.name].health != "down"
     ]
-    for backend, row in _ordered(live, now, config) if now else []:
+    loads = claim.calls_in_flight(session, [b.name for b, _ in live])
+    return [
+        _Candidate(
+            b,
+            row,
+            ramp(row, now, config.breaker_for(b.name).slow_start_seconds),
+            loads.get(b.name, 0),
+        )
+        for b, row in live
+    ]
+
+
+def choose(
+    session: Session,
+    config: TierqConfig,
+    tier: TierConfig,
+    lease: claim.Lease,
+    pinned: str | None = None,
+) -> Route | Full | None:
+    """A backend of ``tier`` to call now, with its breaker permit and a call slot taken for
+    ``lease``'s job (give it back with ``claim.end_call``). Full: every backend that would
+    take a call is at its cap. None: nothing in the tier is alive."""
+    wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
+    candidates = _candidates(session, config, wanted)
+    full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == "closed"]
+    for candidate in _ordered([c for c in candidates if c.has_slot]):
+        backend = candidate.config
+        if not claim.start_call(session, lease, backend.name, candidate.cap):
+            full.append(backend.name)  # taken since we counted (SQLite has no row lock)
+            continue
         permit = circuit.acquire(
             session,
-            row,
+            candidate.row,
             config.breaker_for(backend.name),
             trial_seconds=backend.read_timeout + backend.connect_timeout,
         )
         if permit is not None:
             return Route(backend, permit)
-    return None
-
-
-def _aware(value: datetime | str) -> datetime:
-    from datetime import UTC
-
-    if isinstance(value, str):  # SQLite hands back db_now() as text
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        claim.end_call(session, lease)
+    return Full(tuple(full)) if full else None

@@ -4,7 +4,12 @@ The outcome decides the next state (DESIGN.md, job lifecycle): an answer ends th
 retryable error waits in ``retry_wait`` (the relay wakes it; nothing sleeps here); an
 exhausted tier, or one with no live backend, passes the job on at once to the next tier;
 after the last model tier the request's ``on_exhausted`` decides: the minimal tier, parking
-or failing.
+or failing. A tier whose backends are all at their concurrency cap is busy, not dead: the job
+waits briefly on it (see ``_wait_for_slot``).
+
+The job's deadline bounds everything: a call's timeouts never run past it, a retry due
+after it is not waited for, and a backend asking (Retry-After) for a longer wait than the
+tier's ``max_delay`` is routed around instead of waited on.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -31,6 +37,8 @@ from worker.backends.base import BackendError, ChatAnswer, ErrorClass
 from worker.lease_keeper import kept_alive
 
 log = logging.getLogger(__name__)
+# The shortest wait for a slot on a full tier; the relay's sweep interval rounds it up anyway.
+FULL_TIER_MIN_DELAY = 0.1
 
 
 def build_request(
@@ -75,10 +83,33 @@ def completion(
     }
 
 
-def backoff(tier: TierConfig, tries: int, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter, capped; never sooner than ``Retry-After``."""
+def backoff(tier: TierConfig, tries: int, retry_after: float | None) -> float | None:
+    """Exponential backoff with full jitter, capped; never sooner than ``Retry-After``.
+
+    None when the backend asks for a longer wait than the tier's ``max_delay``: holding the
+    job that long while other tiers may be alive is waiting on failure, not routing around it.
+    """
+    if retry_after is not None and retry_after > tier.retry.max_delay:
+        return None
     ceiling = min(tier.retry.max_delay, tier.retry.base_delay * 2 ** max(tries - 1, 0))
     return max(random.uniform(0, ceiling), retry_after or 0.0)
+
+
+def full_tier_delay(tier: TierConfig) -> float:
+    """How long a job waits for a free slot: short, jittered so that the jobs waiting on one
+    tier do not all come back at once, never above the tier's ``max_delay``."""
+    base = max(tier.retry.base_delay, FULL_TIER_MIN_DELAY)
+    return min(random.uniform(base, 2 * base), max(tier.retry.max_delay, FULL_TIER_MIN_DELAY))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One backend call: where, with which model (None: the backend's own), and how many
+    seconds it may take at most (None: the backend's timeouts alone)."""
+
+    backend: BackendConfig
+    model: str | None
+    seconds: float | None
 
 
 class JobRunner:
@@ -123,46 +154,93 @@ class JobRunner:
         """Returns the queue to publish the job to after this, if it moved to another tier."""
         first = self.config.tier(self.config.tier_names[0])
         with session_scope() as session:
-            if claim.deadline_passed(session, lease.job_id):
+            time_left = claim.seconds_left(session, lease.job_id)
+            if time_left is not None and time_left <= 0:
                 claim.end(session, lease, JobStatus.FAILED, "deadline passed before an answer")
                 return None
             job, turns = self._load(session, lease)
             original = build_request(job, turns, first, first_tier=True)
-            route = routing.choose(session, self.config, tier, job.pinned_backend)
+            route = routing.choose(session, self.config, tier, lease, job.pinned_backend)
+            if isinstance(route, routing.Full):
+                return self._wait_for_slot(session, lease, job, tier, original, route)
             if route is None:
                 return self._exhausted(
                     session, lease, job, tier, original, f"no live backend in tier {tier.name}"
                 )
             record_event(session, job.id, "calling", backend=route.backend.name, tier=tier.name)
-        request = build_request(job, turns, tier, first_tier=tier.name == first.name)
+        first_tier = tier.name == first.name
+        request = build_request(job, turns, tier, first_tier=first_tier)
+        call = Call(
+            route.backend,
+            model=None if first_tier else tier.degrade.model,
+            # Not a moment past the deadline: the answer would be thrown away anyway.
+            seconds=time_left,
+        )
         started = time.monotonic()
         crash_point("worker.before_call", subject=turns[-1].content if turns else "")
         try:
-            answer = self._call(route.backend, request, job.id)
+            answer = self._call(call, request, job.id)
         except BackendError as error:
             return self._on_error(lease, job, tier, route, error, original, started)
         crash_point("worker.after_call")
         self._on_answer(lease, job, tier, route, answer, original, started)
         return None
 
-    def _call(
-        self, backend: BackendConfig, request: dict[str, Any], job_id: uuid.UUID
-    ) -> ChatAnswer:
+    def _call(self, call: Call, request: dict[str, Any], job_id: uuid.UUID) -> ChatAnswer:
         """Call the backend; a streaming job's tokens go out as they arrive."""
+        client = self.client(call.backend)
         if not request.pop("stream", False) or not streams.available():
-            return self.client(backend).chat(request)
-        tokens = self.client(backend).stream(request)
+            return client.chat(request, model=call.model, timeout=call.seconds)
+        tokens = client.stream(request, model=call.model, timeout=call.seconds)
+        # Timeouts bound each read; a stream that keeps trickling is bounded here.
+        ends = None if call.seconds is None else time.monotonic() + call.seconds
         sent = False
         try:
             while True:
                 streams.append(job_id, "delta", next(tokens))
                 sent = True
+                if ends is not None and time.monotonic() > ends:
+                    tokens.close()
+                    raise BackendError(
+                        ErrorClass.TIMEOUT,
+                        f"{call.backend.name}: the job's deadline came mid-stream",
+                    )
         except StopIteration as done:
             return done.value
         except BackendError:
             if sent:
                 streams.append(job_id, "reset")
             raise
+
+    def _wait_for_slot(
+        self,
+        session: Session,
+        lease: claim.Lease,
+        job: Job,
+        tier: TierConfig,
+        original: dict[str, Any],
+        full: routing.Full,
+    ) -> str | None:
+        """Every backend of the tier is at its concurrency cap. A full tier is not a dead
+        one, and the tiers after it are smaller or cost money, so the job waits a short
+        while in retry_wait on this tier (no try used up: nothing was called) and the relay
+        wakes it. Only when its deadline would pass first does it move on to the next tier.
+        """
+        delay = full_tier_delay(tier)
+        busy = ", ".join(full.backends)
+        if claim.deadline_within(session, job.id, delay):
+            return self._exhausted(
+                session,
+                lease,
+                job,
+                tier,
+                original,
+                f"tier {tier.name} is full ({busy}) and the deadline is too near to wait",
+            )
+        claim.retry_later(
+            session, lease, delay, reason=f"tier {tier.name} is full: {busy} at their cap"
+        )
+        return None
 
     def _on_answer(
         self,
@@ -186,6 +264,9 @@ class JobRunner:
             notice=None if first_tier else tier.degrade.notice,
         )
         latency = _ms(started)
+        # The call happened whatever becomes of the answer: its attempt row, its breaker
+        # outcome (a half-open trial's slot among them) and its call slot are committed
+        # first, so a lost lease cannot roll the outage record back with the answer.
         with session_scope() as session:
             claim.record_attempt(
                 session, lease, tier=tier.name, backend=name, outcome="ok", latency_ms=latency
@@ -193,6 +274,8 @@ class JobRunner:
             circuit.record(
                 session, route.permit, True, self.config.breaker_for(name), latency_ms=latency
             )
+            claim.end_call(session, lease)
+        with session_scope() as session:
             if not claim.succeed(
                 session,
                 lease,
@@ -204,7 +287,6 @@ class JobRunner:
                 cache_key=minimal.cache_key(original),
             ):
                 log.warning("job %s: lease lost before the answer was saved", job.id)
-                session.rollback()
                 return
             crash_point("worker.before_commit")
         if job.request.get("stream"):
@@ -243,6 +325,9 @@ class JobRunner:
                 self.config.breaker_for(backend.name),
                 reason=str(error),
             )
+            claim.end_call(session, lease)
+        # What happens next is fenced by the lease; the record above stands either way.
+        with session_scope() as session:
             if error.error_class is ErrorClass.CLIENT:
                 claim.end(
                     session,
@@ -265,8 +350,21 @@ class JobRunner:
         error: BackendError,
         original: dict[str, Any],
     ) -> str | None:
+        if claim.deadline_passed(session, job.id):
+            claim.end(session, lease, JobStatus.FAILED, f"deadline passed; last: {error}")
+            return None
         tries = job.tier_attempts + 1
         delay = backoff(tier, tries, error.retry_after)
+        if delay is None:
+            return self._exhausted(
+                session,
+                lease,
+                job,
+                tier,
+                original,
+                f"{backend} asks to wait {error.retry_after:g}s, longer than tier "
+                f"{tier.name}'s max_delay of {tier.retry.max_delay:g}s; last: {error}",
+            )
         row = session.get_one(Backend, backend)
         # A backend that hangs or is gone would cost the client another full timeout; with
         # no other backend in the tier to try, the next tier is the faster answer.
@@ -275,10 +373,11 @@ class JobRunner:
             not (unreachable and len(tier.backends) == 1)
             and tries < tier.retry.attempts
             and circuit.retry_allowed(row, tier.retry.budget)
+            # A retry due after the deadline could only fail it: the next tier may not.
             and not claim.deadline_within(session, job.id, delay)
         ):
-            circuit.count_retry(session, backend)
-            claim.retry_later(session, lease, delay, reason=str(error))
+            if claim.retry_later(session, lease, delay, reason=str(error)):
+                circuit.count_retry(session, backend)
             return None
         return self._exhausted(
             session,
@@ -308,10 +407,10 @@ class JobRunner:
             )
             return None
         target = self.config.tier_of(backend.larger_context).name
-        claim.escalate(
+        moved = claim.escalate(
             session, lease, tier.name, target, "context too long", backend.larger_context
         )
-        return target
+        return target if moved else None
 
     def _exhausted(
         self,
@@ -325,13 +424,15 @@ class JobRunner:
         """This tier cannot answer: the next tier, or what the request accepts after it."""
         next_tier = self.config.next_tier(tier.name)
         if next_tier is not None:
-            claim.escalate(session, lease, tier.name, next_tier, reason)
-            return next_tier
+            # A worker that lost the job publishes nothing: its new owner decides.
+            return (
+                next_tier if claim.escalate(session, lease, tier.name, next_tier, reason) else None
+            )
         policy = job.on_exhausted or self.config.on_exhausted
         if policy == "fail":
             claim.end(session, lease, JobStatus.FAILED, f"every tier failed; {reason}")
         elif policy == "degrade" and (
-            found := minimal.answer(session, self.config.minimal, original)
+            found := minimal.answer(session, self.config.minimal, original, job.owner_id)
         ):
             self._minimal_answer(session, lease, job, found)
         else:

@@ -55,13 +55,15 @@ class AnthropicClient(BackendClient):
             headers["x-api-key"] = self._secret
         return headers
 
-    def body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
+    def body(
+        self, request: dict[str, Any], stream: bool, model: str | None = None
+    ) -> dict[str, Any]:
         messages = [m for m in request.get("messages", []) if isinstance(m, dict)]
         system = "\n\n".join(
             text_of(m.get("content")) for m in messages if m.get("role") in SYSTEM_ROLES
         )
         body: dict[str, Any] = {
-            "model": self.config.model,
+            "model": model or self.config.model,
             "max_tokens": max_tokens_of(request) or DEFAULT_MAX_TOKENS,
             "messages": _turns([m for m in messages if m.get("role") not in SYSTEM_ROLES]),
         }
@@ -77,8 +79,12 @@ class AnthropicClient(BackendClient):
             body["stream"] = True
         return body
 
-    def chat(self, request: dict[str, Any]) -> ChatAnswer:
-        data = self.post_json(PATH, self.body(request, stream=False))
+    def chat(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> ChatAnswer:
+        data = self.post_json(
+            PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
+        )
         if not isinstance(data, dict) or data.get("type") != "message":
             self.malformed("not a message")
         content = data.get("content")
@@ -90,9 +96,13 @@ class AnthropicClient(BackendClient):
         usage = dict_at(data, "usage")
         return self._answer(text, data.get("stop_reason"), usage, data.get("model"))
 
-    def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:
+    def stream(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> Generator[str, None, ChatAnswer]:
+        limits = self.timeout_within(timeout)
         state = _StreamState()
-        with self.translate_errors(), self.open_stream(PATH, self.body(request, True)) as response:
+        body = self.body(request, stream=True, model=model)
+        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
             for event in iter_sse(response.iter_lines()):
                 delta = self._take_event(event.event, event.data, state)
                 if delta:

@@ -284,17 +284,34 @@ class BackendClient(ABC):
         self.close()
 
     # -- the protocol -----------------------------------------------------------------
+    # ``model`` replaces the configured model for one call (a tier's degrade.model);
+    # ``timeout`` caps every timeout of the call at that many seconds (a job's deadline).
     @abstractmethod
-    def chat(self, request: dict[str, Any]) -> ChatAnswer:
+    def chat(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> ChatAnswer:
         """Answer an OpenAI-shaped chat request with this backend's configured model."""
 
     @abstractmethod
-    def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:
+    def stream(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> Generator[str, None, ChatAnswer]:
         """Yield text deltas as they arrive; the generator returns the ChatAnswer.
 
         Nothing is sent before the first ``next()``; closing the generator early closes
         the connection. Errors, including those reported mid-stream, raise BackendError.
         """
+
+    def timeout_within(self, seconds: float | None) -> httpx.Timeout:
+        """The backend's timeouts, none longer than ``seconds`` (None: as configured)."""
+        if seconds is None:
+            return self.timeout
+        limit = max(seconds, 0.001)  # httpx takes 0 as "fail at once", which it is not yet
+        return httpx.Timeout(
+            min(self.config.read_timeout, limit),
+            connect=min(self.config.connect_timeout, limit),
+            pool=min(self.config.read_timeout, limit),
+        )
 
     def live(self) -> bool:
         """Whether the protocol's cheap liveness endpoint answers 2xx right now."""
@@ -325,11 +342,14 @@ class BackendClient(ABC):
             path = path[3:]
         return base + path
 
-    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+    def post_json(
+        self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
+    ) -> Any:
         """POST and return the decoded JSON of a 2xx answer; raise BackendError otherwise."""
-        with self.translate_errors():
+        timeout = timeout or self.timeout
+        with self.translate_errors(timeout):
             response = self._http.post(
-                self.url(path), json=body, headers=self.headers(), timeout=self.timeout
+                self.url(path), json=body, headers=self.headers(), timeout=timeout
             )
             if not response.is_success:
                 self.raise_for_answer(response.status_code, response.headers, response.content)
@@ -341,10 +361,16 @@ class BackendClient(ABC):
                 )
 
     @contextmanager
-    def open_stream(self, path: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+    def open_stream(
+        self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
+    ) -> Iterator[httpx.Response]:
         """POST for a streamed answer; a non-2xx answer is read and raised as BackendError."""
         request = self._http.build_request(
-            "POST", self.url(path), json=body, headers=self.headers(), timeout=self.timeout
+            "POST",
+            self.url(path),
+            json=body,
+            headers=self.headers(),
+            timeout=timeout or self.timeout,
         )
         response = self._http.send(request, stream=True)
         try:
@@ -356,24 +382,18 @@ class BackendClient(ABC):
             response.close()
 
     @contextmanager
-    def translate_errors(self) -> Iterator[None]:
+    def translate_errors(self, timeout: httpx.Timeout | None = None) -> Iterator[None]:
         """Turn transport failures into BackendErrors, so callers see one exception type."""
         try:
             yield
         except httpx.TimeoutException as exc:
-            self.fail(
-                ErrorClass.TIMEOUT, f"{_kind_of(exc)} after {self._limit_of(exc)}s", cause=exc
-            )
+            limit = _limit_of(exc, timeout or self.timeout)
+            self.fail(ErrorClass.TIMEOUT, f"{_kind_of(exc)} after {limit}s", cause=exc)
         except (httpx.TransportError, httpx.DecodingError) as exc:
             error_class = (
                 ErrorClass.MALFORMED if isinstance(exc, httpx.DecodingError) else ErrorClass.CONNECT
             )
             self.fail(error_class, f"{type(exc).__name__}: {exc}", cause=exc)
-
-    def _limit_of(self, exc: httpx.TimeoutException) -> float | None:
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self.config.connect_timeout
-        return self.config.read_timeout
 
     def raise_for_answer(self, status: int, headers: Mapping[str, str], body: bytes) -> NoReturn:
         info = error_info(body)
@@ -402,6 +422,11 @@ class BackendClient(ABC):
         if self._secret:
             text = text.replace(self._secret, "[redacted]")
         return text
+
+
+def _limit_of(exc: httpx.TimeoutException, timeout: httpx.Timeout) -> float:
+    limit = timeout.connect if isinstance(exc, httpx.ConnectTimeout) else timeout.read
+    return limit if limit is not None else math.inf
 
 
 def _kind_of(exc: httpx.TimeoutException) -> str:

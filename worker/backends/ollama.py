@@ -31,7 +31,9 @@ class OllamaClient(BackendClient):
             return {}
         return {"authorization": f"Bearer {self._secret}"}
 
-    def body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
+    def body(
+        self, request: dict[str, Any], stream: bool, model: str | None = None
+    ) -> dict[str, Any]:
         messages = [
             {
                 "role": ROLES.get(str(m.get("role")), m.get("role")),
@@ -40,7 +42,11 @@ class OllamaClient(BackendClient):
             for m in request.get("messages", [])
             if isinstance(m, dict)
         ]
-        body: dict[str, Any] = {"model": self.config.model, "messages": messages, "stream": stream}
+        body: dict[str, Any] = {
+            "model": model or self.config.model,
+            "messages": messages,
+            "stream": stream,
+        }
         options = {k: request[k] for k in SAME_NAME_OPTIONS if request.get(k) is not None}
         if (limit := max_tokens_of(request)) is not None:
             options["num_predict"] = limit
@@ -52,16 +58,24 @@ class OllamaClient(BackendClient):
             body["format"] = output_format
         return body
 
-    def chat(self, request: dict[str, Any]) -> ChatAnswer:
-        data = self.post_json(PATH, self.body(request, stream=False))
+    def chat(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> ChatAnswer:
+        data = self.post_json(
+            PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
+        )
         content = self._content_of(data)
         if data.get("done") is not True:
             self.malformed("the answer is not done")
         return self._answer(data, content)
 
-    def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:
+    def stream(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> Generator[str, None, ChatAnswer]:
+        limits = self.timeout_within(timeout)
         parts: list[str] = []
-        with self.translate_errors(), self.open_stream(PATH, self.body(request, True)) as response:
+        body = self.body(request, stream=True, model=model)
+        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
             for line in response.iter_lines():
                 if not line.strip():
                     continue

@@ -41,16 +41,22 @@ class OpenAIClient(BackendClient):
             return {}
         return {"authorization": f"Bearer {self._secret}"}
 
-    def body(self, request: dict[str, Any], stream: bool) -> dict[str, Any]:
+    def body(
+        self, request: dict[str, Any], stream: bool, model: str | None = None
+    ) -> dict[str, Any]:
         body = {k: v for k, v in request.items() if k not in MANAGED_KEYS}
-        body["model"] = self.config.model
+        body["model"] = model or self.config.model
         if stream:
             # Without include_usage a stream carries no token counts at all.
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         return body
 
-    def chat(self, request: dict[str, Any]) -> ChatAnswer:
-        data = self.post_json(PATH, self.body(request, stream=False))
+    def chat(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> ChatAnswer:
+        data = self.post_json(
+            PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
+        )
         message, finish_reason = self._first_choice(data)
         usage = dict_at(data, "usage")
         return ChatAnswer(
@@ -75,10 +81,14 @@ class OpenAIClient(BackendClient):
         finish = choices[0].get("finish_reason")
         return message, finish if isinstance(finish, str) else None
 
-    def stream(self, request: dict[str, Any]) -> Generator[str, None, ChatAnswer]:
+    def stream(
+        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
+    ) -> Generator[str, None, ChatAnswer]:
+        limits = self.timeout_within(timeout)
         state = _StreamState()
         done = False
-        with self.translate_errors(), self.open_stream(PATH, self.body(request, True)) as response:
+        body = self.body(request, stream=True, model=model)
+        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
             for event in iter_sse(response.iter_lines()):
                 if event.data.strip() == "[DONE]":
                     done = True
