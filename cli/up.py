@@ -12,6 +12,8 @@ from types import FrameType
 
 import click
 import httpx
+from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy import make_url
 
 from tierq.config import TierqConfig, load_config
 from tierq.db import session_scope
@@ -83,10 +85,29 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM stops us as cleanly as Ctrl-C
 
 
+def _shown(settings: Settings) -> tuple[str, str]:
+    """The database and broker URLs as printed: passwords masked, since terminals end up
+    in logs and screenshots."""
+    database = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    # kombu takes several broker URLs separated by ";" (failover, sentinels)
+    brokers = [_masked_broker(part) for part in settings.effective_broker_url.split(";")]
+    return database, ";".join(brokers)
+
+
+def _masked_broker(url: str) -> str:
+    if "@" not in url:
+        return url  # no credentials to hide: shown as configured
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:  # not parseable, so it cannot be masked: show only its scheme
+        return f"{url.partition('://')[0]}://…"
+
+
 def _banner(settings: Settings, config: TierqConfig, url: str, key: str, logs: Path) -> str:
     backends = ", ".join(f"{b.name} {b.url}" for b in config.backends.values())
+    database, broker = _shown(settings)
     return f"""
-tierq is up (database {settings.effective_database_url}, broker {settings.effective_broker_url})
+tierq is up (database {database}, broker {broker})
   API        {url}   (OpenAPI docs at {url}/docs)
   workers    {", ".join(config.tier_names)}   tier config version {config.version}
   backends   simulated: {backends}

@@ -231,8 +231,35 @@ def test_api_is_published_and_probed_for_readiness(tierq_services):
 
 def test_flower_is_published(tierq_services):
     flower = tierq_services["flower"]
-    assert flower["command"] == ["flower", "--port", "5555"]
-    assert any(str(p).endswith("5555:5555") for p in flower["ports"])
+    assert flower["command"] == ["flower", "--port", "5555", "--address", "0.0.0.0"]
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]  # no auth: the host's loopback only
+
+
+# The option of each serving subcommand that sets the interface it binds.
+BIND_OPTIONS = {"api": "host", "flower": "address", "simulate": "host"}
+
+
+def _bind_address(command: list[str]) -> str:
+    """The interface a compose command binds, as the CLI resolves it (defaults included)."""
+    from cli.main import main
+
+    subcommand = main.commands[command[0]]
+    context = subcommand.make_context(command[0], list(command[1:]))
+    value = context.params[BIND_OPTIONS[command[0]]]
+    if value is None:  # the API's default comes from its settings
+        from tierq.settings import Settings
+
+        value = Settings().api_host
+    return value
+
+
+def test_every_served_port_listens_beyond_the_containers_loopback(tierq_services):
+    """A port published or exposed to other containers is unreachable if the process
+    binds 127.0.0.1, the container's own loopback."""
+    served = {n: s for n, s in tierq_services.items() if s.get("ports") or s.get("expose")}
+    assert set(served) == {"api", "flower", "simulator"}
+    for name, svc in served.items():
+        assert _bind_address(svc["command"]) == "0.0.0.0", name
 
 
 def test_shared_environment(tierq_services):

@@ -72,3 +72,18 @@ def test_up_answers_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     ]
     assert alive == [], f"left running: {alive}"
     assert "stopped" in log.read_text()
+
+
+def test_up_prints_no_password() -> None:
+    from cli.up import _banner
+    from tierq.config import load_config
+    from tierq.settings import Settings
+
+    settings = Settings(
+        database_url="postgresql+psycopg://tierq:db-hunter2@db.internal:5432/tierq",
+        broker_url="sentinel://:mq-hunter2@s1:26379;sentinel://:mq-hunter2@s2:26379",
+    )
+    banner = _banner(settings, load_config(), "http://127.0.0.1:8000", "tq_k", Path("/logs"))
+    assert "hunter2" not in banner
+    assert "postgresql+psycopg://tierq:***@db.internal:5432/tierq" in banner
+    assert "@s1:26379" in banner and "@s2:26379" in banner
