@@ -14,13 +14,16 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.deployment import FAST_TIMINGS, Deployment, backend, deployment, tier
 from tests.services import wait_until
+from tests.stack import Process
 from tierq.db import make_engine
 
 pytestmark = pytest.mark.slow
@@ -69,18 +72,6 @@ def assert_recovered_from_a_lost_lease(d: Deployment) -> None:
     assert set(requeued) & claimed_twice, (requeued, claimed_twice)
 
 
-def running_jobs(d: Deployment) -> list[str]:
-    from sqlalchemy import select
-
-    from tierq.models import Job
-
-    engine = make_engine(d.database_url)
-    with engine.connect() as conn:
-        ids = conn.scalars(select(Job.id).where(Job.status == "running", Job.id.in_(_ids(d)))).all()
-    engine.dispose()
-    return [str(i) for i in ids]
-
-
 def running_count(d: Deployment) -> int:
     from sqlalchemy import func, select
 
@@ -93,12 +84,54 @@ def running_count(d: Deployment) -> int:
     return int(n or 0)
 
 
-@pytest.mark.parametrize("mode", BOTH_MODES)
-def test_submit_answer_and_conversation_resumed(tmp_path: Path, mode: str) -> None:
-    with deployment(tmp_path, mode) as d:
+# Scenarios that leave the deployment as they found it share one per mode: its API, relay
+# and a gpu worker that crashes on any job whose message says POISON.
+POISON_CRASH = "worker.before_call@POISON"
+
+
+def _shared_config(urls: dict[str, str]) -> dict[str, Any]:
+    """gpu → cpu, with a gpu read timeout that leaves room for calls several leases long."""
+    return {
+        "tiers": [
+            tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"], read_timeout=30)),
+            tier("cpu", backend("cpu-sim", "ollama", urls["cpu-sim"])),
+        ]
+    }
+
+
+@dataclass
+class Shared:
+    d: Deployment
+    worker: Process
+
+    def log_count(self, text: str) -> int:
+        return self.worker.output().count(text)
+
+
+@pytest.fixture(scope="class", params=BOTH_MODES)
+def shared_deployment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Shared]:
+    folder = tmp_path_factory.mktemp(request.param)
+    with deployment(folder, request.param, config=_shared_config) as d:
         d.stack.api()
         d.stack.relay()
-        d.stack.worker("gpu")
+        worker = d.stack.worker("gpu", concurrency=2, TIERQ_CRASH_AT=POISON_CRASH)
+        yield Shared(d, worker)
+
+
+@pytest.fixture
+def shared(shared_deployment: Shared) -> Shared:
+    """The shared deployment, with no jobs of earlier tests counted and simulators reset."""
+    shared_deployment.d.jobs.clear()
+    for url in shared_deployment.d.simulators.values():
+        httpx.post(f"{url}/_sim/reset").raise_for_status()
+    return shared_deployment
+
+
+class TestOnASharedDeployment:
+    def test_submit_answer_and_conversation_resumed(self, shared: Shared) -> None:
+        d = shared.d
         with d.client() as client:
             job = d.submit(client, "first question").json()
             started = time.monotonic()
@@ -130,6 +163,73 @@ def test_submit_answer_and_conversation_resumed(tmp_path: Path, mode: str) -> No
         ]
         assert "second question" in turns[3]["content"]
         assert_kept_promise(d)
+
+    def test_api_killed_after_commit_before_publish(self, shared: Shared) -> None:
+        d = shared.d
+        crashing = d.stack.api(TIERQ_CRASH_AT="api.after_commit")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+        headers = {"Authorization": f"Bearer {d.key}", "Idempotency-Key": "crash-1"}
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"{d.stack.api_url}/v1/jobs", json=body, headers=headers, timeout=10)
+        wait_until(lambda: not crashing.alive(), 10, what="api to die")
+        d.stack.api()
+        # The client retries with its key: the job committed before the crash is the answer.
+        retried = httpx.post(f"{d.stack.api_url}/v1/jobs", json=body, headers=headers, timeout=10)
+        assert retried.status_code == 202 and retried.headers["idempotent-replayed"] == "true"
+        d.jobs.append(retried.json()["id"])
+        assert_kept_promise(d, timeout=30)
+
+    def test_same_message_delivered_twice_runs_once(self, shared: Shared) -> None:
+        d = shared.d
+        received, dropped = shared.log_count("] received"), shared.log_count("not claimable")
+        d.fault("gpu-sim", latency_ms=1500)  # the duplicate arrives while the first runs
+        with d.client() as client:
+            job_id = d.submit(client).json()["id"]
+        wait_until(lambda: d.job(job_id)["status"] == "running", 10, what="the job to run")
+        d.publish(job_id, "gpu")  # a second doorbell, on the deployment's own broker
+        assert_kept_promise(d, timeout=30)
+        wait_until(
+            lambda: shared.log_count("not claimable") > dropped,
+            10,
+            what="the duplicate to be dropped",
+        )
+        time.sleep(0.5)  # a third delivery, if there were one, would show by now
+        assert shared.log_count("] received") - received == 2, shared.worker.output()
+        assert shared.log_count("not claimable") - dropped == 1, shared.worker.output()
+        assert d.job(job_id)["deliveries"] == 1
+        assert d.calls("gpu-sim") == 1
+
+    def test_lease_is_renewed_during_a_call_longer_than_the_lease(self, shared: Shared) -> None:
+        d = shared.d  # its relay would re-queue the job if the lease ran out during the call
+        call_ms = int(2.5 * LEASE_SECONDS * 1000)
+        d.fault("gpu-sim", latency_ms=call_ms)
+        with d.client() as client:
+            job_id = d.submit(client, "a long answer").json()["id"]
+        assert_kept_promise(d, timeout=call_ms / 1000 + 30)
+        job = d.job(job_id)
+        assert (job["deliveries"], job["attempts"], job["lost_leases"]) == (1, 1, 0)
+        assert d.events("requeued") == {}
+        assert d.calls("gpu-sim") == 1
+
+    def test_poison_job_ends_dead_while_others_go_on(self, shared: Shared) -> None:
+        d = shared.d
+        with d.client() as client:
+            poison = d.submit(client, "POISON pill").json()["id"]
+            for i in range(6):
+                d.submit(client, f"good {i}")
+        d.jobs.remove(poison)
+        assert_kept_promise(d, timeout=60)
+        wait_until(lambda: _status(d, poison) == "dead", 60, 0.5, what="the poison job to be dead")
+        with d.client() as client:
+            job = client.get(f"/v1/jobs/{poison}").json()
+        assert job["status"] == "dead" and "poison" in job["error"]
+        assert job["deliveries"] == 3
+        assert shared.worker.alive()
+
+
+def _status(d: Deployment, job_id: str) -> str:
+    with d.client() as client:
+        return client.get(f"/v1/jobs/{job_id}").json()["status"]
 
 
 def test_long_poll_is_woken_by_the_answer(pg_redis: Deployment) -> None:
@@ -279,116 +379,13 @@ def test_postgres_stopped_during_submits(tmp_path: Path) -> None:
         assert_kept_promise(d, timeout=90)
 
 
-@pytest.mark.parametrize("mode", BOTH_MODES)
-def test_api_killed_after_commit_before_publish(tmp_path: Path, mode: str) -> None:
-    with deployment(tmp_path, mode) as d:
-        _api_killed_after_commit_before_publish(d)
-
-
-def _api_killed_after_commit_before_publish(d: Deployment) -> None:
-    d.stack.relay()
-    d.stack.worker("gpu")
-    crashing = d.stack.api(TIERQ_CRASH_AT="api.after_commit")
-    body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
-    headers = {"Authorization": f"Bearer {d.key}", "Idempotency-Key": "crash-1"}
-    with pytest.raises(httpx.HTTPError):
-        httpx.post(f"{d.stack.api_url}/v1/jobs", json=body, headers=headers, timeout=10)
-    wait_until(lambda: not crashing.alive(), 10, what="api to die")
-    d.stack.api()
-    # The client retries with its key: the job committed before the crash is the answer.
-    retried = httpx.post(f"{d.stack.api_url}/v1/jobs", json=body, headers=headers, timeout=10)
-    assert retried.status_code == 202 and retried.headers["idempotent-replayed"] == "true"
-    d.jobs.append(retried.json()["id"])
-    assert_kept_promise(d, timeout=30)
-
-
-@pytest.mark.parametrize("mode", BOTH_MODES)
-def test_same_message_delivered_twice_runs_once(tmp_path: Path, mode: str) -> None:
-    with deployment(tmp_path, mode) as d:
-        d.stack.api()
-        with d.client() as client:
-            job_id = d.submit(client).json()["id"]
-        d.publish(job_id, "gpu")  # a second doorbell for the same job, on the same broker
-        # Both are on the deployment's broker; no relay runs, so these two are all there is.
-        assert d.queued_messages("gpu") == 2
-        before = d.calls("gpu-sim")
-        worker = d.stack.worker("gpu", concurrency=2)
-        assert_kept_promise(d, timeout=30)
-        wait_until(
-            lambda: "not claimable" in worker.output(), 10, what="the duplicate to be dropped"
-        )
-        time.sleep(0.5)  # a third delivery, if there were one, would show by now
-        log = worker.output()
-        received = [line for line in log.splitlines() if "run_job[" in line and "received" in line]
-        assert len(received) == 2, log
-        assert log.count("not claimable") == 1, log
-        assert d.queued_messages("gpu") == 0
-        assert d.job(job_id)["deliveries"] == 1
-        assert d.calls("gpu-sim") - before == 1
-
-
-@pytest.mark.parametrize("mode", BOTH_MODES)
-def test_poison_job_ends_dead_while_others_go_on(tmp_path: Path, mode: str) -> None:
-    with deployment(tmp_path, mode) as d:
-        _poison_job_ends_dead_while_others_go_on(d)
-
-
-def _poison_job_ends_dead_while_others_go_on(d: Deployment) -> None:
-    d.stack.api()
-    d.stack.relay()
-    worker = d.stack.worker("gpu", concurrency=2, TIERQ_CRASH_AT="worker.before_call@POISON")
-    with d.client() as client:
-        poison = d.submit(client, "POISON pill").json()["id"]
-        for i in range(6):
-            d.submit(client, f"good {i}")
-    d.jobs.remove(poison)
-    assert_kept_promise(d, timeout=60)
-    wait_until(
-        lambda: d.ledger().accepted and _status(d, poison) == "dead",
-        60,
-        0.5,
-        what="the poison job to be dead",
-    )
-    with d.client() as client:
-        job = client.get(f"/v1/jobs/{poison}").json()
-    assert job["status"] == "dead" and "poison" in job["error"]
-    assert job["deliveries"] == 3
-    assert worker.alive()
-
-
-def _status(d: Deployment, job_id: str) -> str:
-    with d.client() as client:
-        return client.get(f"/v1/jobs/{job_id}").json()["status"]
-
-
-def _slow_backend_config(urls: dict[str, str]) -> dict[str, object]:
-    """One gpu backend whose read timeout leaves room for calls several leases long."""
-    return {"tiers": [tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"], read_timeout=30))]}
-
-
-def test_lease_is_renewed_during_a_call_longer_than_the_lease(tmp_path: Path) -> None:
-    with deployment(tmp_path, config=_slow_backend_config, simulators=("gpu-sim",)) as d:
-        d.stack.api()
-        d.stack.relay()  # reclaims the job if its lease is let run out during the call
-        d.stack.worker("gpu", concurrency=1)
-        call_ms = int(2.5 * LEASE_SECONDS * 1000)
-        d.fault("gpu-sim", latency_ms=call_ms)
-        with d.client() as client:
-            job_id = d.submit(client, "a long answer").json()["id"]
-        assert_kept_promise(d, timeout=call_ms / 1000 + 30)
-        job = d.job(job_id)
-        assert (job["deliveries"], job["attempts"], job["lost_leases"]) == (1, 1, 0)
-        assert d.events("requeued") == {}
-        assert d.calls("gpu-sim") == 1
-
-
 @pytest.mark.parametrize("point", ["worker.after_call", "worker.before_commit"])
 def test_worker_dies_between_the_answer_and_its_commit(tmp_path: Path, point: str) -> None:
     """The backend answered, the worker died before the answer was committed: the job runs
     again (at least once) and is answered once."""
     # A longer lease than the others: the crashed job must not come back to the crashing
     # worker (a second crash) before the test has stopped it.
-    with deployment(tmp_path, env={"TIERQ_LEASE_SECONDS": "8"}) as d:
+    with deployment(tmp_path, env={"TIERQ_LEASE_SECONDS": "6"}) as d:
         d.stack.api()
         d.stack.relay()
         crashing = d.stack.worker("gpu", concurrency=1, TIERQ_CRASH_AT=point)
