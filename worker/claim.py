@@ -92,17 +92,22 @@ def _release(session: Session, lease: Lease, **values: Any) -> bool:
     return done is not None
 
 
-def _live_call() -> Any:
-    """A call in flight: its job is running under a lease that has not run out (database
-    clock), so a worker that died mid-call stops counting once its lease expires."""
-    return (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at > db_now())
+def _in_flight(job: Any) -> Any:
+    """``job`` (the Job entity or an alias) is a call in flight: running under a lease that
+    has not run out (database clock), so a worker that died mid-call stops counting when its
+    lease expires."""
+    return (
+        job.calling_backend.is_not(None)
+        & (job.status == JobStatus.RUNNING)
+        & (job.lease_expires_at > db_now())
+    )
 
 
 def calls_in_flight(session: Session, backends: list[str]) -> dict[str, int]:
     """Calls in flight per backend, across every worker."""
     rows = session.execute(
         select(Job.calling_backend, func.count())
-        .where(Job.calling_backend.in_(backends), _live_call())
+        .where(_in_flight(Job), Job.calling_backend.in_(backends))
         .group_by(Job.calling_backend)
     ).all()
     return {name: count for name, count in rows}
@@ -118,12 +123,7 @@ def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
     other = aliased(Job)
     in_flight = (
         select(func.count())
-        .where(
-            other.calling_backend == backend,
-            other.status == JobStatus.RUNNING,
-            other.lease_expires_at > db_now(),
-            other.id != lease.job_id,
-        )
+        .where(_in_flight(other), other.calling_backend == backend, other.id != lease.job_id)
         .scalar_subquery()
     )
     taken = session.scalar(
