@@ -595,3 +595,53 @@ def _health(name: str) -> str:
 
     with session_scope() as session:
         return session.get_one(Backend, name).health
+
+
+# --- 2, across processes: `tierq beat` ------------------------------------------------
+
+
+def published(job_id: uuid.UUID) -> bool:
+    return job(job_id).published_at is not None
+
+
+def test_beat_processes_hand_leadership_over_and_never_publish_without_the_lock(
+    env: dict[str, str], tmp_path: Any
+) -> None:
+    from tests.stack import Stack, tier_file
+
+    url = env["TIERQ_DATABASE_URL"]
+    tier = f"p-{uuid.uuid4().hex[:6]}"
+    config = tier_file(tmp_path, {tier: [(f"{tier}-b", "openai", "http://127.0.0.1:9")]})
+    stack = Stack({**env, "TIERQ_CONFIG": str(config), "TIERQ_RELAY_INTERVAL": "0.2"}, tmp_path)
+    active = "relay active"
+    try:
+        first = stack.spawn("beat-1", "beat")
+        wait_for(lambda: active in first.output(), 30, "the first beat leading")
+        second = stack.spawn("beat-2", "beat")
+        wait_for(lambda: "waiting for leadership" in second.output(), 30, "the second beat")
+        (early,) = add_jobs({"status": "queued", "tier": tier})
+        wait_for(lambda: published(early), 10, "the leader publishing")
+        assert active not in second.output()
+
+        (holder,) = lock_holders(url)
+        queue = LockQueue(url)
+        wait_for(lambda: queue.pid in lock_waiters(url), 5, "the test queued for the lock")
+        with pg_connect(url) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder,))
+        wait_for(lambda: lock_holders(url) == [queue.pid], 5, "the test to hold the lock")
+        wait_for(lambda: "lost leadership" in first.output(), 5, "the first beat to notice")
+        (orphan,) = add_jobs({"status": "queued", "tier": tier})
+        time.sleep(2.0)  # ten sweep intervals: no beat holds the lock
+        assert not published(orphan), "a beat published without holding the lock"
+        queue.release()
+        wait_for(lambda: published(orphan), 10, "a beat leading again")
+
+        elections = (first.output().count(active), second.output().count(active))
+        assert elections in ((2, 0), (1, 1)), "exactly one beat leads again"
+        leader, standby = (first, second) if elections == (2, 0) else (second, first)
+        leader.kill_group()
+        (late,) = add_jobs({"status": "queued", "tier": tier})
+        wait_for(lambda: published(late), 10, "the standby taking over")
+        assert standby.alive() and active in standby.output()
+    finally:
+        stack.stop()
