@@ -163,7 +163,7 @@ def choose(
     for candidate in _ordered([c for c in candidates if c.has_slot]):
         backend = candidate.config
         if not claim.start_call(session, lease, backend.name, candidate.cap):
-            full.append(backend.name)  # taken since we counted (SQLite has no row lock)
+            full.append(backend.name)  # taken since we counted (no advisory lock on SQLite)
             continue
         permit = circuit.acquire(
             session,
