@@ -645,3 +645,28 @@ def test_beat_processes_hand_leadership_over_and_never_publish_without_the_lock(
         assert standby.alive() and active in standby.output()
     finally:
         stack.stop()
+
+
+class FailingOnce(RecordingRelay):
+    """Its second sweep fails, as one does when the database drops a connection."""
+
+    def sweep(self, still_leader: Any = lambda: None) -> dict[str, int]:
+        if len(self.sweeps) == 1 and not getattr(self, "failed", False):
+            self.failed = True
+            raise RuntimeError("the database went away mid-sweep")
+        return super().sweep(still_leader)
+
+
+def test_a_failed_sweep_gives_the_lock_back_and_the_relay_leads_again(
+    env: dict[str, str],
+) -> None:
+    # The lock's connection used to go back to the pool still holding the lock, where no
+    # new election could get it: the relay would wait for leadership it already had.
+    relay = FailingOnce("only", make_config([{}]), Settings(relay_interval=0.1))
+    thread = RelayThread(relay)
+    try:
+        wait_for(lambda: len(relay.sweeps) >= 3, 10, "sweeps after the failed one")
+    finally:
+        thread.end()
+    assert relay.failed
+    assert lock_holders(env["TIERQ_DATABASE_URL"]) == [], "the lock outlived the relay"
