@@ -3,6 +3,7 @@ sees every event exactly once."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ from sqlalchemy import select
 
 from tests.deployment import Deployment, deployment
 from tierq.db import make_engine
-from tierq.models import JobEvent
+from tierq.models import TERMINAL_STATUSES, JobEvent
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +42,16 @@ def read_events(d: Deployment, job_id: str, last_id: str | None, limit: int | No
     return seen
 
 
-def test_reconnect_with_last_event_id_sees_every_event_once(tmp_path: Path) -> None:
-    with deployment(tmp_path) as d:
-        d.stack.api()
-        d.stack.relay()
-        d.stack.worker("gpu")
-        d.stack.worker("cpu")
-        d.fault("gpu-sim", mode="error_500", count=1)  # one retry: more events to see
-        with d.client() as client:
-            job_id = d.submit(client).json()["id"]
-        first = read_events(d, job_id, None, limit=2)
-        rest = read_events(d, job_id, first[-1][0], limit=None)
-        seen = first + rest
-        engine = make_engine(d.database_url)
+def job_status(d: Deployment, job_id: str) -> str:
+    with d.client() as client:
+        return client.get(f"/v1/jobs/{job_id}").json()["status"]
+
+
+def stored_events(d: Deployment, job_id: str) -> list[tuple[str, str]]:
+    engine = make_engine(d.database_url)
+    try:
         with engine.connect() as conn:
-            stored = [
+            return [
                 (str(r.id), r.kind)
                 for r in conn.execute(
                     select(JobEvent.id, JobEvent.kind)
@@ -63,10 +59,30 @@ def test_reconnect_with_last_event_id_sees_every_event_once(tmp_path: Path) -> N
                     .order_by(JobEvent.id)
                 )
             ]
+    finally:
         engine.dispose()
+
+
+def test_reconnect_with_last_event_id_sees_every_event_once(tmp_path: Path) -> None:
+    with deployment(tmp_path) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        d.stack.worker("cpu")
+        # One failed call, then an answer; each call takes a while, so the client
+        # disconnects and reconnects while the job is still running.
+        d.fault("gpu-sim", mode="error_500", count=1, latency_ms=2000)
+        with d.client() as client:
+            job_id = d.submit(client).json()["id"]
+        seen = read_events(d, job_id, None, limit=2)  # queued, claimed
+        assert job_status(d, job_id) not in TERMINAL_STATUSES  # reconnecting mid-job
+        seen += read_events(d, job_id, seen[-1][0], limit=2)  # calling, retrying
+        assert job_status(d, job_id) not in TERMINAL_STATUSES
+        seen += read_events(d, job_id, seen[-1][0], limit=None)  # to the end
+        stored = stored_events(d, job_id)
         assert seen == [("0", "queued"), *stored]  # all of them, in order, none twice
         kinds = [kind for _, kind in stored]
-        assert kinds[0] == "claimed" and "retrying" in kinds and kinds[-1] == "answered"
+        assert kinds[:3] == ["claimed", "calling", "retrying"] and kinds[-1] == "answered"
         with d.client() as client:
             bad = client.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
             assert bad.status_code == 422
@@ -99,6 +115,25 @@ def test_tierq_watch_follows_a_job(tmp_path: Path) -> None:
         assert watched.returncode == 0, watched.stderr
         assert "claimed" in watched.stdout and "answered" in watched.stdout
         assert "You said: hi" in watched.stdout
+        status = subprocess.run(
+            [sys.executable, "-m", "cli", "status", job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["id"] == job_id and shown["status"] == "succeeded"
+        assert shown["served_by"]["backend"] == "gpu-sim"
+        missing = subprocess.run(
+            [sys.executable, "-m", "cli", "status", str(uuid.uuid4())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert missing.returncode != 0 and "404" in missing.stderr
 
 
 def test_a_terminal_status_is_never_read_without_the_final_event(

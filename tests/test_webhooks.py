@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from standardwebhooks import Webhook
 
-from tests.services import wait_until
+from tests.services import free_port, wait_until
 from tests.stack import pg_connect
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -53,42 +53,65 @@ class Received:
 
 @dataclass
 class Receiver:
+    """A webhook receiver on loopback: 503 for its first ``fail_first`` requests (or a
+    redirect to ``redirect_to``), then 200. Not listening until ``listen``."""
+
     fail_first: int = 0
+    redirect_to: str | None = None
     requests: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    server: ThreadingHTTPServer | None = None
 
     def acknowledged(self) -> list[Received]:
         with self.lock:
             return [r for r in self.requests if r.answered == 200]
 
+    def listen(self, port: int = 0) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def _answer(self) -> int:
+        if self.redirect_to:
+            return 302
+        return 503 if len(self.requests) < self.fail_first else 200
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with state.lock:
+                    code = state._answer()
+                    state.requests.append(
+                        Received({k.lower(): v for k, v in self.headers.items()}, body, code)
+                    )
+                self.send_response(code)
+                if code == 302:
+                    self.send_header("location", state.redirect_to or "")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            with state.lock:
-                code = 503 if len(state.requests) < state.fail_first else 200
-                state.requests.append(
-                    Received({k.lower(): v for k, v in self.headers.items()}, body, code)
-                )
-            self.send_response(code)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    state.listen()
     yield state
-    server.shutdown()
-    server.server_close()
+    state.close()
 
 
 # -- in-process: the API and the delivery step -------------------------------------------
@@ -422,6 +445,40 @@ def test_delivery_time_check_refuses_a_private_target_without_contacting_it(
     assert "refused: 127.0.0.1 is a loopback address" in shown["last_error"]
 
 
+@pytest.mark.parametrize("where", ["metadata", "another receiver"])
+def test_a_redirect_is_not_followed_and_the_attempt_is_logged(
+    client: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A receiver may answer 302 to anywhere (the cloud metadata service, a private host):
+    the redirect is a failed attempt, never a second request."""
+    from tierq.webhooks import WebhookSettings
+    from worker.webhook_delivery import deliver
+
+    monkeypatch.setenv("TIERQ_WEBHOOK_ALLOW_PRIVATE", "true")
+    bystander = Receiver()
+    bystander.listen()
+    try:
+        receiver.redirect_to = (
+            "http://169.254.169.254/latest/meta-data/" if where == "metadata" else bystander.url
+        )
+        key = new_key()
+        body = {**BODY, "webhook_url": receiver.url}
+        job_id = client.post("/v1/jobs", json=body, headers=key.headers).json()["id"]
+        client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers)
+        delivery_id = f"msg_{uuid.UUID(job_id).hex}_cancelled"
+        started = time.monotonic()
+        assert deliver(delivery_id, WebhookSettings(allow_private=True, timeout=3)) == "pending"
+        assert time.monotonic() - started < 3  # no attempt to reach the redirect target
+    finally:
+        bystander.close()
+    assert [r.answered for r in receiver.requests] == [302]
+    assert bystander.requests == []
+    shown = client.get(f"/v1/jobs/{job_id}/deliveries", headers=key.headers).json()["data"][0]
+    assert shown["status"] == "pending" and shown["attempts"] == 1
+    assert [a["status_code"] for a in shown["attempt_log"]] == [302]
+    assert shown["attempt_log"][0]["error"] == "HTTP 302"
+
+
 def test_non_public_addresses() -> None:
     from tierq.webhooks import _non_public
 
@@ -475,15 +532,26 @@ def _secret(database_url: str, key: str) -> str:
         engine.dispose()
 
 
+@pytest.fixture
+def unreachable_receiver() -> Iterator[Receiver]:
+    """A receiver whose port nobody listens on (connections refused) until it ``listen``s
+    on it; then it answers 503 to its first two requests."""
+    state = Receiver(fail_first=2)
+    state.url = f"http://127.0.0.1:{free_port()}/hook"
+    yield state
+    state.close()
+
+
 @pytest.mark.slow
 def test_receiver_down_then_back_gets_every_event_signed(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, unreachable_receiver: Receiver
 ) -> None:
-    """Parked, cancelled and succeeded jobs, while the receiver answers 503 at first."""
+    """Parked, cancelled and succeeded jobs, while the receiver is unreachable at first,
+    then up but answering 503, then well."""
     from tests.deployment import deployment
     from tests.test_failover import parking_config
 
-    receiver.fail_first = 4
+    receiver = unreachable_receiver
     with deployment(tmp_path, config=parking_config) as d:
         d.stack.env.update(FAST)
         secret = _secret(d.database_url, d.key)
@@ -506,6 +574,21 @@ def test_receiver_down_then_back_gets_every_event_signed(
                 0.3,
                 what="both jobs parked",
             )
+
+            def refused() -> list[dict[str, Any]]:
+                return [
+                    a
+                    for i in (kept, dropped)
+                    for d in client.get(f"/v1/jobs/{i}/deliveries").json()["data"]
+                    for a in d["attempt_log"]
+                    if a["status_code"] is None
+                ]
+
+            # Both parked events tried, and retried, against a closed port.
+            wait_until(lambda: len(refused()) >= 3, 30, 0.2, what="refused deliveries")
+            assert all("ConnectError" in a["error"] for a in refused()), refused()
+            assert receiver.requests == []
+            receiver.listen(int(receiver.url.split(":")[2].split("/")[0]))  # back, same URL
             assert client.post(f"/v1/jobs/{dropped}/cancel").status_code == 200
             for sim in ("gpu-sim", "cpu-sim"):
                 d.fault(sim, mode="ok")
@@ -546,7 +629,7 @@ def test_receiver_down_then_back_gets_every_event_signed(
                 what="every delivery logged",
             )
             requests = list(receiver.requests)
-            assert [r.answered for r in requests[:4]] == [503] * 4
+            assert [r.answered for r in requests[:2]] == [503] * 2
             for request in requests:
                 event = Webhook(secret).verify(request.body, request.headers)
                 assert event["data"]["status"] == event["type"].removeprefix("job.")
@@ -565,9 +648,10 @@ def test_receiver_down_then_back_gets_every_event_signed(
             # the deliveries endpoint tells the same story as the receiver
             logs = deliveries()
             shown = [d for log in logs for d in log]
-            assert sum(d["attempts"] for d in shown) == len(requests)
-            codes = sorted(a["status_code"] for d in shown for a in d["attempt_log"])
-            assert codes == sorted(r.answered for r in requests)
+            unanswered = refused()
+            assert sum(d["attempts"] for d in shown) == len(requests) + len(unanswered)
+            codes = sorted(a["status_code"] or 0 for d in shown for a in d["attempt_log"])
+            assert codes == sorted([0] * len(unanswered) + [r.answered for r in requests])
 
             # redeliver: the same webhook-id once more
             succeeded = next(d for d in logs[0] if d["type"] == "job.succeeded")
