@@ -347,3 +347,65 @@ def _count_calling(url: str) -> int:
             )
     finally:
         engine.dispose()
+
+
+def ramped_backend(urls: dict[str, str]) -> dict[str, Any]:
+    return {
+        "tiers": [
+            tier(
+                "gpu",
+                backend("gpu-sim", "openai", urls["gpu-sim"], max_concurrency=4),
+                breaker={"slow_start_seconds": 600},
+            ),
+        ]
+    }
+
+
+def _set_closed_at(url: str, seconds_ago: float) -> None:
+    from sqlalchemy import update
+
+    from tierq.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            changed = conn.execute(
+                update(Backend)
+                .where(Backend.name == "gpu-sim")
+                .values(circuit="closed", closed_at=db_now(-seconds_ago))
+            ).rowcount
+    finally:
+        engine.dispose()
+    assert changed == 1
+
+
+def _try_set_closed_at(url: str, seconds_ago: float) -> bool:
+    try:
+        _set_closed_at(url, seconds_ago)
+    except AssertionError:
+        return False
+    return True
+
+
+def _max_in_flight_of(d: Any, count: int) -> int:
+    import httpx
+
+    httpx.post(f"{d.simulators['gpu-sim']}/_sim/reset").raise_for_status()
+    d.fault("gpu-sim", latency_ms=600)
+    with d.client() as client:
+        ids = [d.submit(client, f"question {uuid.uuid4()}").json()["id"] for _ in range(count)]
+        done = [client.get(f"/v1/jobs/{i}", params={"wait": 40}).json() for i in ids]
+    assert [j["status"] for j in done] == ["succeeded"] * count, done
+    return httpx.get(f"{d.simulators['gpu-sim']}/_sim/stats").json()["max_in_flight"]
+
+
+@pytest.mark.slow
+def test_a_just_recovered_lone_backend_gets_ramped_traffic(tmp_path: Path) -> None:
+    with deployment(tmp_path, config=ramped_backend, simulators=("gpu-sim",)) as d:
+        d.stack.api()
+        d.stack.relay()  # makes the backend rows
+        d.stack.worker("gpu", concurrency=4)
+        wait_until(lambda: _try_set_closed_at(d.database_url, 0), 20, 0.2, what="backend row")
+        assert _max_in_flight_of(d, 4) == 1  # ramp at its floor: 0.1 x 4 rounds up to one
+        _set_closed_at(d.database_url, 3600)  # the ramp is over: the full cap
+        assert _max_in_flight_of(d, 4) > 1
