@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
 from kombu import Connection
+from sqlalchemy import select
 
-from tests.services import RedisServer
+from tests.deployment import FAST_TIMINGS, Deployment, backend, deployment, tier
+from tests.services import RedisServer, wait_until
 from tierq.broker import configure
 from tierq.config import load_config
+from tierq.db import make_engine
+from tierq.models import JobEvent
 from tierq.settings import Settings
 
 
@@ -97,3 +107,76 @@ def test_folder_broker_never_shows_a_half_written_message(tmp_path) -> None:  # 
     watcher.join()
     assert seen_partial == []
     assert all(m.payload == payload for m in got)
+
+
+def test_a_running_worker_has_the_durability_settings(tmp_path: Path) -> None:
+    """Read back from a real worker process (remote control), not from a freshly built app:
+    a setting lost between configure() and the running worker would show here."""
+    with deployment(tmp_path, env={"TIERQ_VISIBILITY_TIMEOUT": "5400"}) as d:
+        d.stack.worker("gpu")
+        with d.celery() as app:
+            replies = app.control.inspect(timeout=10).conf(with_defaults=True) or {}
+    assert len(replies) == 1 and next(iter(replies)).startswith("gpu@"), replies
+    conf = next(iter(replies.values()))
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_connection_max_retries"] is None
+    assert conf["worker_soft_shutdown_timeout"] > 0
+    # From the worker's environment, in the one place kombu reads it (celery#9339).
+    assert conf["broker_transport_options"]["visibility_timeout"] == 5400
+    assert conf["broker_transport_options"]["socket_timeout"] > 0
+
+
+def _claims(d: Deployment, job_id: str) -> list[str]:
+    """The workers that claimed the job, in order."""
+    engine = make_engine(d.database_url)
+    try:
+        with engine.connect() as conn:
+            details = conn.scalars(
+                select(JobEvent.detail)
+                .where(JobEvent.job_id == uuid.UUID(job_id), JobEvent.kind == "claimed")
+                .order_by(JobEvent.id)
+            ).all()
+    finally:
+        engine.dispose()
+    return [detail["worker"] for detail in details]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_job_hands_the_job_to_another_worker(tmp_path: Path) -> None:
+    """An orchestrator stopping a worker (SIGTERM) mid-call: the soft shutdown gives the
+    call its time, then requeues it; another worker answers it once, long before the
+    broker's visibility timeout would have brought it back."""
+    app = Celery("check", set_as_current=False)
+    configure(app, Settings())
+    soft = float(app.conf.worker_soft_shutdown_timeout)
+    call = soft + 5  # outlasts the soft shutdown: the job cannot finish where it started
+    lease = float(FAST_TIMINGS["TIERQ_LEASE_SECONDS"])
+
+    def long_calls(urls: dict[str, str]) -> dict[str, Any]:
+        gpu = backend("gpu-sim", "openai", urls["gpu-sim"], read_timeout=call + 10)
+        return {"tiers": [tier("gpu", gpu)]}
+
+    with deployment(tmp_path, config=long_calls, simulators=("gpu-sim",)) as d:
+        d.stack.api()
+        d.stack.relay()
+        stopping = d.stack.worker("gpu", concurrency=1)
+        d.fault("gpu-sim", latency_ms=int(call * 1000))
+        with d.client() as client:
+            job_id = d.submit(client).json()["id"]
+        wait_until(lambda: d.calls("gpu-sim") == 1, 10, what="the call to start")
+        d.fault("gpu-sim", latency_ms=0)  # the call in flight keeps its latency
+        d.stack.worker("gpu", concurrency=1)
+        stopped_at = time.monotonic()
+        os.kill(stopping.popen.pid, signal.SIGTERM)
+        stopping.popen.wait(soft + 20)
+        result = d.wait_finished(soft + lease + 30)
+        took = time.monotonic() - stopped_at
+        claims = _claims(d, job_id)
+    assert (result.finished, result.lost, result.answered_twice, result.mismatched) == (1, 0, 0, 0)
+    assert result.statuses == {"succeeded": 1}
+    # Claimed by the stopping worker, then answered by the other one.
+    assert len(claims) == 2 and claims[0] != claims[1], claims
+    assert "Restoring 1 unacknowledged message" in stopping.output(), stopping.output()
+    assert took < soft + lease + 30 < Settings().visibility_timeout
