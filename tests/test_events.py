@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -156,3 +158,61 @@ def test_a_terminal_status_is_never_read_without_the_final_event(
     assert status != "succeeded" or kinds[-1:] == ["answered"], (status, kinds)
     events, status = _since(uuid.UUID(job_id), 0)  # and the next read has both
     assert status == "succeeded" and [e.kind for e in events][-1] == "answered"
+
+
+def test_a_watch_token_lets_a_browser_follow_one_job_for_a_while(
+    env: dict[str, str], api_key: str
+) -> None:
+    """EventSource cannot send Authorization: a short-lived token in the URL instead, good
+    for that job's events only."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import update
+
+    from api.app import create_app
+    from api.routes.events import WATCH_TOKEN_SECONDS, sign_watch_token
+    from tests.test_api import BODY, auth, end_job
+    from tierq.db import db_now, session_scope
+    from tierq.keys import hash_key
+    from tierq.models import ApiKey
+
+    with TestClient(create_app()) as client:
+        job_id, other = (
+            client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"] for _ in range(2)
+        )
+        end_job(job_id, backend="b")  # so its stream ends
+        issued = client.post(f"/v1/jobs/{job_id}/watch-token", headers=auth(api_key))
+        assert issued.status_code == 201
+        grant = issued.json()
+        left = datetime.fromisoformat(grant["expires_at"]).timestamp() - time.time()
+        assert WATCH_TOKEN_SECONDS - 30 < left <= WATCH_TOKEN_SECONDS
+
+        events = client.get(grant["url"])  # no Authorization header
+        assert events.status_code == 200, events.text
+        assert "event: answered" in events.text
+
+        def refused(url: str) -> dict[str, Any]:
+            response = client.get(url)
+            assert response.status_code == 401, (url, response.text)
+            return response.json()
+
+        token = grant["token"]
+        assert refused(f"/v1/jobs/{other}/events?token={token}")["errors"][0]["field"] == "token"
+        assert refused(f"/v1/jobs/{job_id}/events?token={token[:-2]}xx")
+        assert refused(f"/v1/jobs/{job_id}/events?token=garbage")
+        assert refused(f"/v1/jobs/{job_id}?token={token}")  # the events endpoint only
+        assert (
+            client.post(f"/v1/jobs/{uuid.uuid4()}/watch-token", headers=auth(api_key)).status_code
+            == 404
+        )
+
+        owner = uuid.UUID(token.split(".")[1])
+        expired = sign_watch_token(
+            hash_key(api_key), uuid.UUID(job_id), owner, int(time.time()) - 1
+        )
+        assert "expired" in refused(f"/v1/jobs/{job_id}/events?token={expired}")["detail"]
+
+        with session_scope() as session:  # revoking the key voids its tokens
+            session.execute(update(ApiKey).where(ApiKey.id == owner).values(revoked_at=db_now()))
+        refused(grant["url"])

@@ -3,20 +3,33 @@
 Each event's SSE id is its row id in ``job_events``, so a client that reconnects with
 ``Last-Event-ID`` gets exactly the events after it: none lost, none twice. The stream ends
 after the job's final event. Wake-ups come from the same notifications as long-polls.
+
+A browser's EventSource cannot send an Authorization header, so a key holder may ask for
+a watch token (``POST /v1/jobs/{id}/watch-token``): valid for that one job's events, for a
+few minutes, as ``?token=`` on this endpoint only. It is an HMAC over the job, the key and
+the expiry, keyed with the key's stored hash (never given out, the same in every API
+process), so nothing is stored, and revoking the key voids its tokens. The expiry is
+checked when a stream starts; a stream that started keeps going.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import select
 
 from api.auth import Caller, current_caller
@@ -24,10 +37,12 @@ from api.problems import Problem
 from api.routes.jobs import load_job
 from api.schemas import utc
 from tierq.db import session_scope
-from tierq.models import Job, JobEvent, JobStatus
+from tierq.models import ApiKey, Job, JobEvent, JobStatus
 
 router = APIRouter(tags=["jobs"])
 KEEPALIVE_SECONDS = 15.0
+WATCH_TOKEN_SECONDS = 300
+WATCH_TOKEN_VERSION = "wt1"
 
 
 def _frame(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -96,11 +111,99 @@ async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes
             yield b": keepalive\n\n"
 
 
+# -- watch tokens ------------------------------------------------------------------------
+
+
+class WatchToken(BaseModel):
+    token: str
+    expires_at: datetime
+    url: str  # the events URL with the token, for EventSource
+
+
+def _signature(key_hash: str, job_id: uuid.UUID, owner: uuid.UUID, expires: int) -> str:
+    message = f"{WATCH_TOKEN_VERSION}:{job_id}:{owner}:{expires}".encode()
+    digest = hmac.new(key_hash.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def sign_watch_token(key_hash: str, job_id: uuid.UUID, owner: uuid.UUID, expires: int) -> str:
+    signature = _signature(key_hash, job_id, owner, expires)
+    return f"{WATCH_TOKEN_VERSION}.{owner.hex}.{expires}.{signature}"
+
+
+def _key_hash(owner: uuid.UUID) -> str | None:
+    """The signing key: the owner's stored key hash, if the key exists and is not revoked."""
+    with session_scope() as session:
+        row = session.execute(
+            select(ApiKey.key_hash).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))
+        ).one_or_none()
+    return row[0] if row else None
+
+
+def _invalid_token(reason: str) -> Problem:
+    return Problem(
+        401,
+        "Unauthorized",
+        f"token: {reason}; ask POST /v1/jobs/{{id}}/watch-token for a new one",
+        errors=[{"field": "token", "message": reason}],
+    )
+
+
+def _token_caller(token: str, job_id: uuid.UUID) -> Caller:
+    try:
+        version, owner_hex, expires_text, signature = token.split(".")
+        owner, expires = uuid.UUID(hex=owner_hex), int(expires_text)
+    except ValueError:
+        raise _invalid_token("not a watch token") from None
+    key_hash = _key_hash(owner) if version == WATCH_TOKEN_VERSION else None
+    expected = _signature(key_hash, job_id, owner, expires) if key_hash else ""
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise _invalid_token("not valid for this job")
+    if expires <= time.time():
+        raise _invalid_token("expired")
+    return Caller(owner, is_admin=False)
+
+
+async def events_caller(
+    request: Request,
+    job_id: uuid.UUID,
+    token: Annotated[
+        str | None, Query(max_length=200, description="A watch token instead of a key.")
+    ] = None,
+) -> Caller:
+    if token is None:
+        return await current_caller(request)
+    return await run_in_threadpool(_token_caller, token, job_id)
+
+
+def _new_watch_token(caller: Caller, job_id: uuid.UUID) -> WatchToken:
+    load_job(caller, job_id)  # 404 unless the job is this key's
+    key_hash = _key_hash(caller.key_id)
+    if key_hash is None:  # revoked since it was cached
+        raise Problem(401, "Unauthorized", "The API key is not valid.")
+    expires = int(time.time()) + WATCH_TOKEN_SECONDS
+    token = sign_watch_token(key_hash, job_id, caller.key_id, expires)
+    return WatchToken(
+        token=token,
+        expires_at=datetime.fromtimestamp(expires, UTC),
+        url=f"/v1/jobs/{job_id}/events?token={token}",
+    )
+
+
+@router.post("/v1/jobs/{job_id}/watch-token", status_code=201, response_model=WatchToken)
+def create_watch_token(
+    job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]
+) -> WatchToken:
+    """A token that lets a browser's EventSource (which cannot send Authorization) follow
+    this job's events for the next few minutes: ``GET /v1/jobs/{id}/events?token=``."""
+    return _new_watch_token(caller, job_id)
+
+
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
 async def job_events(
     request: Request,
     job_id: uuid.UUID,
-    caller: Annotated[Caller, Depends(current_caller)],
+    caller: Annotated[Caller, Depends(events_caller)],
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     after = _parse_last_id(last_event_id)
