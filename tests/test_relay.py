@@ -670,3 +670,23 @@ def test_a_failed_sweep_gives_the_lock_back_and_the_relay_leads_again(
         thread.end()
     assert relay.failed
     assert lock_holders(env["TIERQ_DATABASE_URL"]) == [], "the lock outlived the relay"
+
+
+def test_folder_broker_queues_are_counted_from_its_message_files(tmp_path: Any) -> None:
+    from celery import Celery
+    from kombu import Exchange, Queue
+
+    from tierq import broker
+    from worker.relay import folder_queue_depths
+
+    settings = Settings(home=tmp_path, broker_url="atomicfs://")
+    app = Celery("count", set_as_current=False)
+    broker.configure(app, settings)
+    for queue, count in (("gpu", 3), ("cpu", 1)):
+        for _ in range(count):
+            app.send_task(broker.RUN_JOB, args=["x"], queue=Queue(queue, Exchange(""), queue))
+    (settings.broker_folder / "queue" / ".half-written.gpu.msg.partial").write_text("")
+
+    depths = folder_queue_depths(settings.broker_folder / "queue", ["gpu", "cpu", "hosted"])
+
+    assert depths == {"gpu": 3, "cpu": 1, "hosted": 0}
