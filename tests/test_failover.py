@@ -30,6 +30,7 @@ from tierq.models import Attempt, CircuitTransition, Job, JobEvent
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+NEVER_OPENS = {"min_calls": 10_000}  # for tests about routing, not about breakers
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -122,30 +123,43 @@ def set_disabled(d: Deployment, headers: dict[str, str], name: str, disabled: bo
     assert answer.status_code == 200 and answer.json()["disabled"] is disabled, answer.text
 
 
+# -- each failure mode of the primary ---------------------------------------------------
 def slow_primary(urls: dict[str, str]) -> dict[str, Any]:
     config = two_tiers(urls)
     config["tiers"][0]["backends"][0]["read_timeout"] = 1
+    # One deployment serves every failure mode below: its breaker must not open on the
+    # failures of the modes before, nor its retry budget run out.
+    config["tiers"][0]["breaker"] = NEVER_OPENS
+    config["tiers"][0]["retry"] = {"attempts": 2, "base_delay": 0.05, "max_delay": 0.2, "budget": 1}
     return config
 
 
-# -- each failure mode of the primary ---------------------------------------------------
-@pytest.mark.parametrize(
-    ("faults", "error_class"),
-    [
-        ({"mode": "error_500"}, "server"),
-        ({"mode": "overloaded"}, "overloaded"),
-        ({"mode": "rate_limit", "retry_after": 0.5}, "rate_limited"),
-        ({"mode": "malformed"}, "malformed"),
-        ({"mode": "reset"}, "connect"),
-        ({"mode": "hang"}, "timeout"),
-        ({"latency_ms": 3000}, "timeout"),  # slow past the 1 s read timeout
-    ],
-)
-def test_primary_failure_modes_end_on_the_cpu_tier(
-    tmp_path: Path, faults: dict, error_class: str
-) -> None:
-    with deployment(tmp_path, config=slow_primary) as d:
+@pytest.fixture(scope="class")
+def primary_fails(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployment(tmp_path_factory.mktemp("primary-fails"), config=slow_primary) as d:
         start(d, "gpu", "cpu")
+        yield d
+
+
+class TestPrimaryFailureModes:
+    """Every way the primary fails, on one deployment (its breaker never opens)."""
+
+    @pytest.mark.parametrize(
+        ("faults", "error_class"),
+        [
+            ({"mode": "error_500"}, "server"),
+            ({"mode": "overloaded"}, "overloaded"),
+            ({"mode": "rate_limit", "retry_after": 0.5}, "rate_limited"),
+            ({"mode": "malformed"}, "malformed"),
+            ({"mode": "reset"}, "connect"),
+            ({"mode": "hang"}, "timeout"),
+            ({"latency_ms": 3000}, "timeout"),  # slow past the 1 s read timeout
+        ],
+    )
+    def test_ends_on_the_cpu_tier(
+        self, primary_fails: Deployment, faults: dict, error_class: str
+    ) -> None:
+        d = primary_fails
         d.fault("gpu-sim", **faults)
         for job in run_jobs(d, 2):
             assert job["status"] == "succeeded", job
@@ -364,6 +378,18 @@ def most_in_one_second(times: list[float]) -> int:
     return best
 
 
+def over_the_bucket(times: list[float], rate: float, burst: float) -> tuple[int, int] | None:
+    """A run of releases (first, last index) more than a token bucket lets through: at most
+    burst + rate x elapsed. The slack covers the relay reading its clock a moment before
+    the database stamps the release."""
+    slack = 0.05
+    for first, t0 in enumerate(times):
+        for last in range(first, len(times)):
+            if last - first + 1 > burst + rate * (times[last] - t0 + slack):
+                return first, last
+    return None
+
+
 def test_all_tiers_down_park_then_replay_at_the_configured_rate(tmp_path: Path) -> None:
     priorities = [0, 10, -5, 10, 0, 50, -5, 0, 50, 10, 0, -5]
     with deployment(tmp_path, config=parking_config) as d:
@@ -420,6 +446,7 @@ def test_all_tiers_down_park_then_replay_at_the_configured_rate(tmp_path: Path) 
         burst = max(REPLAY_RATE, 1)
         times = [r[0].timestamp() for r in releases]
         assert most_in_one_second(times) <= REPLAY_RATE + burst, times
+        assert over_the_bucket(times, REPLAY_RATE, burst) is None, times
         # Highest priority first, then oldest: every job released in an earlier sweep
         # comes before every job released in a later one.
         sweeps: dict[float, list[tuple[int, float]]] = {}
@@ -504,7 +531,6 @@ RETRY_AFTER = 1.5  # seconds, sent by the simulator as retry-after-ms (Retry-Aft
 GPU_RETRY = {"attempts": 2, "base_delay": 0.05, "max_delay": 5, "budget": 1.0}
 CPU_DEGRADE = {"max_tokens": 5, "temperature": 0, "notice": "Answered by a smaller model."}
 HOSTED_DEGRADE = {"max_tokens": 3, "temperature": 0, "model": "hosted-small"}
-NEVER_OPENS = {"min_calls": 10_000}  # these tests look at routing, not at breakers
 STATIC = "Sorry, every model is down."
 
 
