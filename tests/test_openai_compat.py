@@ -52,6 +52,21 @@ def wait_job(d: Deployment, job_id: str, wait: float = 20) -> dict[str, Any]:
         return client.get(f"/v1/jobs/{job_id}", params={"wait": wait}).json()
 
 
+def event_kinds(d: Deployment, job_id: str) -> list[str]:
+    from sqlalchemy import select
+
+    from tierq.db import make_engine
+    from tierq.models import JobEvent
+
+    engine = make_engine(d.database_url)
+    try:
+        with engine.connect() as conn:
+            query = select(JobEvent.kind).where(JobEvent.job_id == uuid.UUID(job_id))
+            return list(conn.scalars(query.order_by(JobEvent.id)))
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def pg_redis(tmp_path: Path) -> Iterator[Deployment]:
     with deployment(tmp_path) as d:
@@ -196,7 +211,8 @@ def test_failed_parked_and_cancelled_jobs_are_openai_errors(tmp_path: Path) -> N
         assert parked.value.status_code == 503 and parked.value.code == "job_parked"
         assert "parked" in str(parked.value)
         assert 1 <= int(parked.value.response.headers["retry-after"]) <= 60
-        assert wait_job(d, parked.value.body["job_id"], 0)["status"] == "parked"  # type: ignore[index]
+        # It was parked (the relay may already be replaying it: the log says what happened).
+        assert "parked" in event_kinds(d, parked.value.body["job_id"])  # type: ignore[index]
 
         # A cancelled job stays cancelled: the same key gets a 409 the SDK does not retry.
         # The SDK's read timeout (2 s) caps tierq's wait, so the 504 comes before it gives up.
