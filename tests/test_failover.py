@@ -204,7 +204,9 @@ def test_primary_killed_under_load_fails_over_at_once(tmp_path: Path) -> None:
         def config(urls: dict[str, str]) -> dict[str, Any]:
             return {
                 "tiers": [
-                    tier("gpu", backend("gpu-sim", "openai", gpu_url)),
+                    # A breaker that stays closed, so every job after the kill meets
+                    # the refused connection itself.
+                    tier("gpu", backend("gpu-sim", "openai", gpu_url), breaker=NEVER_OPENS),
                     tier("cpu", backend("cpu-sim", "ollama", urls["cpu-sim"])),
                 ]
             }
@@ -240,6 +242,11 @@ def test_primary_killed_under_load_fails_over_at_once(tmp_path: Path) -> None:
                 assert story[-1] == ("cpu-sim", "ok", None)
                 assert {a[:2] for a in story[:-1]} <= {("gpu-sim", "error")}
                 assert {a[2] for a in story[:-1]} <= {"connect"}, story
+            for job_id in after:  # refused, at once on to the next tier
+                assert attempts(d, job_id) == [
+                    ("gpu-sim", "error", "connect"),
+                    ("cpu-sim", "ok", None),
+                ]
             for job_id in before:
                 if job_id not in cut:
                     assert done[job_id]["served_by"]["quality"] == "full"
@@ -251,6 +258,7 @@ def test_primary_killed_under_load_fails_over_at_once(tmp_path: Path) -> None:
                     Attempt.backend == "gpu-sim",
                 ),
             )
+            assert len(refused) == len(after), refused
             assert all(r[0] < connect_timeout_ms for r in refused), refused
             assert d.ledger().answered_twice == 0
 
