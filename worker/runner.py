@@ -372,7 +372,9 @@ class JobRunner:
         if (
             not (unreachable and len(tier.backends) == 1)
             and tries < tier.retry.attempts
-            and circuit.retry_allowed(row, tier.retry.budget)
+            and circuit.retry_allowed(
+                row, tier.retry.budget, self.config.breaker_for(backend).min_calls
+            )
             # A retry due after the deadline could only fail it: the next tier may not.
             and not claim.deadline_within(session, job.id, delay)
         ):
