@@ -307,6 +307,14 @@ def test_an_unexpected_error_is_a_problem_500_that_reveals_nothing(
     def code_error() -> None:
         raise RuntimeError("s3cr3t-token-in-a-message")
 
+    @app.get("/test/parameter-error")
+    def parameter_error() -> None:
+        with session_scope() as session:
+            session.execute(
+                text("SELECT 1 / 0 AS hidden_parameters WHERE :tag <> ''"),
+                {"tag": "user-prompt-s3cr3t"},
+            )
+
     with TestClient(app, raise_server_exceptions=False) as client:
         for path, secret in (
             ("/test/database-error", "secret_column_name"),
@@ -322,6 +330,11 @@ def test_an_unexpected_error_is_a_problem_500_that_reveals_nothing(
             assert any(
                 secret in r.getMessage() or secret in (r.exc_text or "") for r in caplog.records
             )
+        # A statement's bound values (prompts, key hashes) stay out of the log entirely.
+        caplog.clear()
+        assert client.get("/test/parameter-error").status_code == 500
+        logged = " ".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+        assert "hidden_parameters" in logged and "user-prompt-s3cr3t" not in logged
 
 
 DEADLINE_WITH_OFFSET = "2031-06-01T12:00:00+02:00"

@@ -462,3 +462,34 @@ def test_a_retry_after_a_stream_reset_gets_the_answer_not_the_same_reset(
     again = stream_chat(client, headers)
     assert streamed_text(again) == "the answer"
     assert again[-1]["tierq"]["served_by"]["backend"] == "gpu-sim"
+
+
+def degraded_cpu(urls: dict[str, str]) -> dict[str, Any]:
+    notice = {"degrade": {"notice": "[answered by the CPU fallback]"}}
+    return {
+        "tiers": [
+            tier("gpu", backend("gpu-sim", "openai", urls["gpu-sim"])),
+            tier("cpu", backend("cpu-sim", "ollama", urls["cpu-sim"]), **notice),
+        ]
+    }
+
+
+def test_a_degraded_stream_carries_the_notice_the_stored_answer_starts_with(
+    tmp_path: Path,
+) -> None:
+    with deployment(tmp_path, config=degraded_cpu) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        d.stack.worker("cpu")
+        d.fault("gpu-sim", mode="error_500")
+        client = OpenAI(base_url=f"{d.stack.api_url}/v1", api_key=d.key, max_retries=0)
+        stream = client.chat.completions.create(model="tierq", messages=QUESTION, stream=True)
+        pieces, _, _, finish, tierq = read_stream(stream, time.monotonic())
+        text = "".join(pieces)
+        job = wait_job(d, stream.response.headers["x-tierq-job-id"])
+        assert finish == "stop" and job["status"] == "succeeded"
+        assert text.startswith("[answered by the CPU fallback]\n\n")
+        assert job["result"]["choices"][0]["message"]["content"] == text
+        assert tierq["served_by"]["tier"] == "cpu"
+        assert tierq["served_by"]["quality"] == "reduced"

@@ -58,10 +58,14 @@ def build_request(
     return request
 
 
+def notice_prefix(notice: str) -> str:
+    return f"{notice}\n\n"
+
+
 def completion(
     job: Job, answer: ChatAnswer, *, tier: str, backend: str, quality: str, notice: str | None
 ) -> dict[str, Any]:
-    content = f"{notice}\n\n{answer.content}" if notice else answer.content
+    content = notice_prefix(notice) + answer.content if notice else answer.content
     return {
         "id": f"chatcmpl-{job.id.hex}",
         "object": "chat.completion",
@@ -104,12 +108,14 @@ def full_tier_delay(tier: TierConfig) -> float:
 
 @dataclass(frozen=True)
 class Call:
-    """One backend call: where, with which model (None: the backend's own), and how many
-    seconds it may take at most (None: the backend's timeouts alone)."""
+    """One backend call: where, with which model (None: the backend's own), how many
+    seconds it may take at most (None: the backend's timeouts alone), and the degraded
+    tier's notice that leads the answer (None on the first tier)."""
 
     backend: BackendConfig
     model: str | None
     seconds: float | None
+    notice: str | None = None
 
 
 class JobRunner:
@@ -175,6 +181,7 @@ class JobRunner:
             model=None if first_tier else tier.degrade.model,
             # Not a moment past the deadline: the answer would be thrown away anyway.
             seconds=time_left,
+            notice=None if first_tier else tier.degrade.notice,
         )
         started = time.monotonic()
         crash_point("worker.before_call", subject=turns[-1].content if turns else "")
@@ -196,6 +203,9 @@ class JobRunner:
         ends = None if call.seconds is None else time.monotonic() + call.seconds
         sent = False
         try:
+            if call.notice:  # the stored answer starts with it: so does the streamed one
+                streams.append(job_id, "delta", notice_prefix(call.notice))
+                sent = True
             while True:
                 streams.append(job_id, "delta", next(tokens))
                 sent = True
