@@ -3,7 +3,8 @@ constraint, driven through the worker's own functions against real Postgres; and
 that changes nothing, neither in the database nor in the broker.
 
 No worker processes here: the functions a worker calls are called directly, so each step
-of a lost lease happens in a known order instead of by luck of timing.
+of a lost lease happens in a known order instead of by luck of timing. The fencing tests
+run on Postgres and on SQLite (the zero-install default).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +20,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from tests.conftest import _reset_caches
 from tests.services import RedisServer
 from tierq.config import load_config
-from tierq.db import db_now, session_scope
+from tierq.db import db_now, get_engine, session_scope
 from tierq.keys import create_key
+from tierq.migrate import upgrade
 from tierq.models import Conversation, Job, JobStatus, Turn
 from tierq.settings import get_settings
 from worker import claim
@@ -39,8 +43,31 @@ def _answer(content: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(params=["postgres", "sqlite"])
+def fenced_database(
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[str]:
+    """The test's database: the session's Postgres, or a SQLite file (the zero-install
+    default, where the same conditional UPDATEs must fence just as well)."""
+    if request.param == "postgres":
+        yield env["TIERQ_DATABASE_URL"]
+        return
+    url = f"sqlite:///{tmp_path / 'fencing.db'}"
+    upgrade(url)
+    monkeypatch.setenv("TIERQ_DATABASE_URL", url)
+    _reset_caches()
+    assert get_engine().dialect.name == "sqlite"
+    yield url
+    get_engine().dispose()
+    monkeypatch.undo()
+    _reset_caches()
+
+
 @pytest.fixture
-def job_id(env: dict[str, str]) -> uuid.UUID:
+def job_id(fenced_database: str) -> uuid.UUID:
     """A queued job with its user turn, as the API would have committed it."""
     with session_scope() as session:
         owner = uuid.UUID(create_key(session, "fencing").id)
@@ -140,7 +167,9 @@ def test_the_database_refuses_a_second_answer_for_one_job(job_id: uuid.UUID) -> 
     assert lease is not None and _succeed(lease, "the answer")
     job = _job(job_id)
     # Another position of the conversation, so only the one-answer-per-job rule can object.
-    with pytest.raises(IntegrityError, match="uq_turns_job_answer"), session_scope() as session:
+    # Postgres names the constraint; SQLite names its column.
+    refused = "uq_turns_job_answer|turns.job_id"
+    with pytest.raises(IntegrityError, match=refused), session_scope() as session:
         session.add(
             Turn(
                 conversation_id=job.conversation_id,
