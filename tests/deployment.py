@@ -100,6 +100,16 @@ class Deployment:
         folder = self.broker_settings().broker_folder / "queue"
         return len(list(folder.glob(f"*.{queue}.msg")))
 
+    def flush_broker(self) -> None:
+        """The broker loses everything it holds: a Redis FLUSHALL, or the folder broker's
+        queue folder emptied (a wiped disk), the relay's marker with it."""
+        if self.redis is not None:
+            self.redis.client().flushall()
+            return
+        for entry in (self.broker_settings().broker_folder / "queue").iterdir():
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+
     def job(self, job_id: str) -> dict[str, object]:
         """The job's row, as the database has it now."""
         engine = make_engine(self.database_url)

@@ -299,8 +299,10 @@ NO_EARLY_REPUBLISH = {"TIERQ_REPUBLISH_AFTER": "600"}
 REPUBLISHED_WITHIN = 50 * RELAY_INTERVAL
 
 
-def test_redis_flushed_with_100_jobs_queued(tmp_path: Path) -> None:
-    with deployment(tmp_path, env=NO_EARLY_REPUBLISH) as d:
+@pytest.mark.parametrize("mode", BOTH_MODES)
+def test_broker_flushed_with_100_jobs_queued(tmp_path: Path, mode: str) -> None:
+    """Redis flushed, or the folder broker's queue wiped, with a backlog queued."""
+    with deployment(tmp_path, mode, env=NO_EARLY_REPUBLISH) as d:
         d.stack.api()
         relay = d.stack.relay()
         d.stack.worker("gpu", concurrency=2)  # running through the flush: it must keep consuming
@@ -308,9 +310,8 @@ def test_redis_flushed_with_100_jobs_queued(tmp_path: Path) -> None:
         with d.client() as client:
             for i in range(100):
                 assert d.submit(client, f"job {i}").status_code == 202
-        assert d.redis is not None
         wait_until(lambda: d.queued_messages("gpu") >= 90, 10, what="messages queued")
-        d.redis.client().flushall()
+        d.flush_broker()
         flushed_at = time.monotonic()
         d.fault("gpu-sim", latency_ms=0)
         wait_until(
