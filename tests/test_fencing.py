@@ -2,13 +2,15 @@
 constraint, driven through the worker's own functions against real Postgres; and bad input
 that changes nothing, neither in the database nor in the broker.
 
-No worker processes here: the functions a worker calls are called directly, so each step
-of a lost lease happens in a known order instead of by luck of timing. The fencing tests
-run on Postgres and on SQLite (the zero-install default).
+The functions a worker calls are called directly, so each step of a lost lease happens in
+a known order instead of by luck of timing; they run on Postgres and on SQLite (the
+zero-install default). One last test shows the same fence between real processes.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from tests.conftest import _reset_caches
-from tests.services import RedisServer
+from tests.deployment import deployment
+from tests.services import RedisServer, wait_until
 from tierq.config import load_config
 from tierq.db import db_now, get_engine, session_scope
 from tierq.keys import create_key
@@ -232,3 +235,40 @@ def test_bad_input_publishes_no_message(
     # The same count does move for good input: the check above can fail.
     assert api.post("/v1/jobs", json=BODY, headers=headers).status_code == 202
     assert _broker_messages(redis_server) == before[1] + 1
+
+
+# The same fence between real processes: a worker that stalls past its lease wakes up to
+# find the job answered by another, and its own answer is refused.
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_that_wakes_after_its_lease_writes_nothing(tmp_path: Path) -> None:
+    with deployment(tmp_path, simulators=("gpu-sim", "cpu-sim")) as d:
+        d.stack.api()
+        d.stack.relay()
+        stalling = d.stack.worker("gpu", concurrency=1)
+        d.fault("gpu-sim", latency_ms=1000)
+        with d.client() as client:
+            job_id = d.submit(client, "stall me").json()["id"]
+        wait_until(lambda: d.calls("gpu-sim") == 1, 10, what="the call to start")
+        child = stalling.pool_children()[0]
+        os.kill(child, signal.SIGSTOP)  # a GC pause, a frozen VM: its lease keeper stops too
+        try:
+            d.fault("gpu-sim", latency_ms=0)
+            d.stack.worker("gpu", concurrency=1)
+            answered = d.wait_finished(30)
+            before = d.job(job_id)
+        finally:
+            os.kill(child, signal.SIGCONT)
+        # It wakes with the backend's answer in hand and tries to save it.
+        wait_until(
+            lambda: "lease lost before the answer was saved" in stalling.output(),
+            20,
+            what="the stalled worker to try its write",
+        )
+        after = d.job(job_id)
+        ledger = d.ledger()
+    assert answered.statuses == {"succeeded": 1}
+    assert (ledger.answered_twice, ledger.mismatched) == (0, 0)
+    assert after == before  # not one column changed by the refused write
+    assert (after["deliveries"], after["lost_leases"]) == (2, 1)
