@@ -1,10 +1,12 @@
 """Crash tests with real processes: each ends with "N accepted, N finished, 0 lost, 0
 answered twice", read from the database.
 
-Workers, relay and API run as real processes; the tests SIGKILL them, flush or stop Redis
-and stop Postgres (each test has its own throwaway instances). Timings are shortened by
-environment (3 s leases) so recovery fits in a test; the broker's visibility timeout stays
-at its production value (an hour) to show recovery does not wait for it.
+Workers, relay and API run as real processes; the tests SIGKILL them, flush the broker or
+stop Redis and Postgres (those tests have throwaway instances of their own; scenarios that
+leave a deployment intact share one per mode). Most run in both modes: Postgres + Redis,
+and the zero-install SQLite + folder broker. Timings are shortened by environment (3 s
+leases) so recovery fits in a test; the broker's visibility timeout stays at its
+production value (an hour) to show recovery does not wait for it.
 """
 
 from __future__ import annotations
