@@ -113,6 +113,10 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_idempotency"),
         Index("ix_jobs_status_tier", "status", "tier"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        # A conversation's previous job (submit) and the jobs waiting for one that ended
+        # (the worker, on every answer): without these each is a scan of every job.
+        Index("ix_jobs_conversation_answer", "conversation_id", "answer_seq"),
+        Index("ix_jobs_after_job", "after_job_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=_uuid)

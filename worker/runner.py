@@ -274,9 +274,9 @@ class JobRunner:
             notice=None if first_tier else tier.degrade.notice,
         )
         latency = _ms(started)
-        # The call happened whatever becomes of the answer: its attempt row, its breaker
-        # outcome (a half-open trial's slot among them) and its call slot are committed
-        # first, so a lost lease cannot roll the outage record back with the answer.
+        # One transaction: the attempt row, its breaker outcome (a half-open trial's slot
+        # among them), the call slot, the fenced answer and the successors' doorbells. A lost
+        # lease makes only the fenced writes match nothing; the outage record still commits.
         with session_scope() as session:
             claim.record_attempt(
                 session, lease, tier=tier.name, backend=name, outcome="ok", latency_ms=latency
@@ -285,8 +285,7 @@ class JobRunner:
                 session, route.permit, True, self.config.breaker_for(name), latency_ms=latency
             )
             claim.end_call(session, lease)
-        with session_scope() as session:
-            if not claim.succeed(
+            answered = claim.succeed(
                 session,
                 lease,
                 job,
@@ -295,13 +294,16 @@ class JobRunner:
                 model=answer.model,
                 quality=quality,
                 cache_key=minimal.cache_key(original),
-            ):
-                log.warning("job %s: lease lost before the answer was saved", job.id)
-                return
+            )
+            waiting = claim.successors(session, job.id) if answered else []
             crash_point("worker.before_commit")
+        if not answered:
+            log.warning("job %s: lease lost before the answer was saved", job.id)
+            return
         if job.request.get("stream"):
             streams.append(job.id, "end")
-        self._publish_successors(job.id)
+        for successor, successor_tier in waiting:
+            broker.publish(successor, successor_tier)
 
     def _on_error(
         self,
@@ -486,12 +488,6 @@ class JobRunner:
             model=answer.model,
             quality=found.quality,
         )
-
-    def _publish_successors(self, job_id: uuid.UUID) -> None:
-        with session_scope() as session:
-            waiting = claim.successors(session, job_id)
-        for successor, tier in waiting:
-            broker.publish(successor, tier)
 
 
 def _ms(started: float) -> float:

@@ -1,4 +1,5 @@
-"""jobs: leases lost to dead workers (poison detection) and the backend being called
+"""jobs: leases lost to dead workers (poison detection), the backend being called, and the
+indexes that find a conversation's previous job and the jobs waiting for one
 
 Revision ID: 0003
 Revises: 0002
@@ -24,10 +25,16 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("calling_backend", sa.String(length=128), nullable=True))
         batch_op.create_index("ix_jobs_calling_backend", ["calling_backend"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_conversation_answer", ["conversation_id", "answer_seq"], unique=False
+        )
+        batch_op.create_index("ix_jobs_after_job", ["after_job_id"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_jobs_after_job")
+        batch_op.drop_index("ix_jobs_conversation_answer")
         batch_op.drop_index("ix_jobs_calling_backend")
         batch_op.drop_column("calling_backend")
         batch_op.drop_column("lost_leases")
