@@ -118,6 +118,17 @@ class Call:
     notice: str | None = None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A claimed job ready for its call: the call slot on ``route`` is taken."""
+
+    job: Job
+    turns: list[Turn]
+    original: dict[str, Any]  # the first tier's request: the minimal tier's cache key
+    route: routing.Route
+    time_left: float | None  # seconds before the deadline, at the claim (database clock)
+
+
 class JobRunner:
     def __init__(self, config: TierqConfig, settings: Settings, worker_name: str) -> None:
         self.config, self.settings, self.worker = config, settings, worker_name
@@ -130,23 +141,35 @@ class JobRunner:
         return self._clients[backend.name]
 
     def run(self, job_id: uuid.UUID, tier_name: str) -> None:
+        tier = self.config.tier(tier_name)
+        # One transaction claims the job and prepares its call (the call slot, the `calling`
+        # event): both are committed before the call starts, and each transaction costs a
+        # pool check-out with its ping, a BEGIN and a COMMIT.
         with session_scope() as session:
             lease = claim.claim(
                 session, job_id, tier_name, self.worker, self.settings.lease_seconds
             )
-        if lease is None:
-            log.info(
-                "job %s: not claimable on %s (duplicate or moved on); dropped", job_id, tier_name
-            )
-            return
-        crash_point("worker.after_claim")
-        with kept_alive(lease, self.settings.lease_seconds):
-            publish_to = self._run_claimed(lease, self.config.tier(tier_name))
+            if lease is None:
+                log.info(
+                    "job %s: not claimable on %s (duplicate or moved on); dropped",
+                    job_id,
+                    tier_name,
+                )
+                return
+            # Claimed and nothing else done; dying here rolls the claim back with the rest.
+            crash_point("worker.after_claim")
+            prepared = self._prepare(session, lease, tier)
+        if isinstance(prepared, _Prepared):
+            with kept_alive(lease, self.settings.lease_seconds):
+                publish_to = self._call_and_record(lease, tier, prepared)
+        else:
+            publish_to = prepared
         if publish_to:
             broker.publish(job_id, publish_to)
 
-    def _load(self, session: Session, lease: claim.Lease) -> tuple[Job, list[Turn]]:
-        job = session.get_one(Job, lease.job_id)
+    def _load(self, session: Session, lease: claim.Lease) -> tuple[Job, list[Turn], float | None]:
+        """The job, its conversation so far and the seconds left before its deadline."""
+        job, time_left = claim.load_with_time_left(session, lease.job_id)
         turns = list(
             session.scalars(
                 select(Turn)
@@ -154,33 +177,41 @@ class JobRunner:
                 .order_by(Turn.seq)
             )
         )
-        return job, turns
+        return job, turns, time_left
 
-    def _run_claimed(self, lease: claim.Lease, tier: TierConfig) -> str | None:
-        """Returns the queue to publish the job to after this, if it moved to another tier."""
+    def _prepare(
+        self, session: Session, lease: claim.Lease, tier: TierConfig
+    ) -> _Prepared | str | None:
+        """In the claim's transaction: a backend and its call slot, or what happened instead
+        (the queue to publish the job to if it moved to another tier, else None)."""
         first = self.config.tier(self.config.tier_names[0])
-        with session_scope() as session:
-            time_left = claim.seconds_left(session, lease.job_id)
-            if time_left is not None and time_left <= 0:
-                claim.end(session, lease, JobStatus.FAILED, "deadline passed before an answer")
-                return None
-            job, turns = self._load(session, lease)
-            original = build_request(job, turns, first, first_tier=True)
-            route = routing.choose(session, self.config, tier, lease, job.pinned_backend)
-            if isinstance(route, routing.Full):
-                return self._wait_for_slot(session, lease, job, tier, original, route)
-            if route is None:
-                return self._exhausted(
-                    session, lease, job, tier, original, f"no live backend in tier {tier.name}"
-                )
-            record_event(session, job.id, "calling", backend=route.backend.name, tier=tier.name)
-        first_tier = tier.name == first.name
+        job, turns, time_left = self._load(session, lease)
+        if time_left is not None and time_left <= 0:
+            claim.end(session, lease, JobStatus.FAILED, "deadline passed before an answer")
+            return None
+        original = build_request(job, turns, first, first_tier=True)
+        route = routing.choose(session, self.config, tier, lease, job.pinned_backend)
+        if isinstance(route, routing.Full):
+            return self._wait_for_slot(session, lease, job, tier, original, route)
+        if route is None:
+            return self._exhausted(
+                session, lease, job, tier, original, f"no live backend in tier {tier.name}"
+            )
+        record_event(session, job.id, "calling", backend=route.backend.name, tier=tier.name)
+        return _Prepared(job, turns, original, route, time_left)
+
+    def _call_and_record(
+        self, lease: claim.Lease, tier: TierConfig, prepared: _Prepared
+    ) -> str | None:
+        """Returns the queue to publish the job to after this, if it moved to another tier."""
+        job, turns, route = prepared.job, prepared.turns, prepared.route
+        first_tier = tier.name == self.config.tier_names[0]
         request = build_request(job, turns, tier, first_tier=first_tier)
         call = Call(
             route.backend,
             model=None if first_tier else tier.degrade.model,
             # Not a moment past the deadline: the answer would be thrown away anyway.
-            seconds=time_left,
+            seconds=prepared.time_left,
             notice=None if first_tier else tier.degrade.notice,
         )
         started = time.monotonic()
@@ -188,9 +219,9 @@ class JobRunner:
         try:
             answer = self._call(call, request, job.id)
         except BackendError as error:
-            return self._on_error(lease, job, tier, route, error, original, started)
+            return self._on_error(lease, job, tier, route, error, prepared.original, started)
         crash_point("worker.after_call")
-        self._on_answer(lease, job, tier, route, answer, original, started)
+        self._on_answer(lease, job, tier, route, answer, prepared.original, started)
         return None
 
     def _call(self, call: Call, request: dict[str, Any], job_id: uuid.UUID) -> ChatAnswer:
