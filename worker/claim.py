@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from tierq.db import db_now
@@ -137,10 +137,22 @@ def end_call(session: Session, lease: Lease) -> None:
     session.execute(_fenced(lease).values(calling_backend=None))
 
 
+def add_attempt(session: Session, lease: Lease, **fields: Any) -> None:
+    """The attempt row alone (the call happened, whoever holds the lease now)."""
+    # Core, not the unit of work: nothing reads the row back in this transaction.
+    session.execute(
+        insert(Attempt.__table__), {"job_id": lease.job_id, "worker": lease.owner, **fields}
+    )
+
+
 def record_attempt(session: Session, lease: Lease, **fields: Any) -> None:
     """The attempt row always (the call happened); the job's counters only while the lease
     is ours, or a worker that lost the job would use up its next owner's tries."""
-    session.add(Attempt(job_id=lease.job_id, worker=lease.owner, **fields))
+    add_attempt(session, lease, **fields)
+    _count_attempt(session, lease)
+
+
+def _count_attempt(session: Session, lease: Lease) -> None:
     session.execute(
         update(Job)
         .where(Job.id == lease.job_id, Job.lease_token == lease.token)
@@ -158,8 +170,19 @@ def succeed(
     model: str,
     quality: str,
     cache_key: str | None = None,
+    count_attempt: bool = False,
 ) -> bool:
-    """running → succeeded, with the assistant turn, in the caller's transaction."""
+    """running → succeeded, with the assistant turn, in the caller's transaction.
+
+    ``count_attempt``: the answer's own attempt (its row written by ``add_attempt``) is
+    counted here, and its call slot given back, by the release itself; one statement
+    instead of three while the lease is ours.
+    """
+    counters = (
+        {"attempts": Job.attempts + 1, "tier_attempts": Job.tier_attempts + 1}
+        if count_attempt
+        else {}
+    )
     if not _release(
         session,
         lease,
@@ -171,7 +194,10 @@ def succeed(
         cache_key=cache_key,
         finished_at=db_now(),
         error=None,
+        **counters,
     ):
+        if count_attempt:  # what record_attempt would have done; the slot is not ours
+            _count_attempt(session, lease)
         return False
     record_event(
         session,
@@ -182,14 +208,15 @@ def succeed(
         tier=result.get("tierq", {}).get("tier"),
     )
     content = result["choices"][0]["message"]["content"]
-    session.add(
-        Turn(
-            conversation_id=job.conversation_id,
-            seq=job.answer_seq,
-            role="assistant",
-            content=content,
-            job_id=job.id,
-        )
+    session.execute(
+        insert(Turn.__table__),
+        {
+            "conversation_id": job.conversation_id,
+            "seq": job.answer_seq,
+            "role": "assistant",
+            "content": content,
+            "job_id": job.id,
+        },
     )
     notify_job_changed(session, job.id)
     return True

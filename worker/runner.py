@@ -309,13 +309,13 @@ class JobRunner:
         # among them), the call slot, the fenced answer and the successors' doorbells. A lost
         # lease makes only the fenced writes match nothing; the outage record still commits.
         with session_scope() as session:
-            claim.record_attempt(
+            claim.add_attempt(
                 session, lease, tier=tier.name, backend=name, outcome="ok", latency_ms=latency
             )
             circuit.record(
                 session, route.permit, True, self.config.breaker_for(name), latency_ms=latency
             )
-            claim.end_call(session, lease)
+            # The release counts the attempt and gives the call slot back.
             answered = claim.succeed(
                 session,
                 lease,
@@ -325,6 +325,7 @@ class JobRunner:
                 model=answer.model,
                 quality=quality,
                 cache_key=minimal.cache_key(original),
+                count_attempt=True,
             )
             waiting = claim.successors(session, job.id) if answered else []
             crash_point("worker.before_commit")
