@@ -155,7 +155,7 @@ def test_live_lease_is_left_alone() -> None:
 
 
 def queue_depth(env: dict[str, str], queue: str) -> int:
-    from tierq.metrics import redis_queue_depths
+    from tierq.broker import redis_queue_depths
 
     return redis_queue_depths(env["TIERQ_BROKER_URL"], [queue])[queue]
 
@@ -188,6 +188,71 @@ def test_stale_backlog_is_republished_only_up_to_the_missing_messages(
         job_id for job_id in backlog if job(job_id).published_at > job(backlog[-1]).published_at
     ]
     assert republished == backlog[:3], "the oldest publications go first"
+
+
+def test_stale_webhook_backlog_is_republished_only_up_to_the_missing_messages(
+    env: dict[str, str],
+) -> None:
+    from tierq.db import db_now, session_scope
+    from tierq.models import Job, WebhookDelivery
+    from tierq.webhooks import QUEUE, WebhookSettings
+    from worker.webhook_delivery import publish_due_deliveries
+
+    with session_scope() as session:  # no other test's delivery is still owed a message
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.status == "pending")
+            .values(status="failed")
+        )
+    queue = redis.Redis.from_url(env["TIERQ_BROKER_URL"])
+    queue.delete(QUEUE)
+    (job_id,) = add_jobs({"status": "succeeded", "tier": "gpu"})
+    ids = [f"msg_backlog_{uuid.uuid4().hex}" for _ in range(6)]
+    with session_scope() as session:
+        owner = session.get_one(Job, job_id).owner_id
+        for delivery_id in ids:
+            session.add(
+                WebhookDelivery(
+                    id=delivery_id,
+                    job_id=job_id,
+                    owner_id=owner,
+                    event_type="job.succeeded",
+                    url="https://receiver.example/hook",
+                    payload="{}",
+                    next_attempt_at=db_now(),
+                    expires_at=db_now(3600),
+                )
+            )
+    settings = WebhookSettings(republish_after=5)
+    assert publish_due_deliveries(settings) == 6  # never published: all published now
+    assert queue_depth(env, QUEUE) == 6
+
+    def make_stale() -> None:
+        with session_scope() as session:
+            for n, delivery_id in enumerate(ids):  # the first one is the oldest publication
+                session.execute(
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.id == delivery_id)
+                    .values(published_at=ago(100 - n))
+                )
+
+    make_stale()
+    assert publish_due_deliveries(settings) == 0, "every stale delivery still has its message"
+    assert queue_depth(env, QUEUE) == 6
+    for _ in range(2):
+        assert queue.rpop(QUEUE) is not None  # two messages vanish
+    make_stale()
+    assert publish_due_deliveries(settings) == 2
+    assert queue_depth(env, QUEUE) == 6
+    with session_scope() as session:
+        newest = session.scalar(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.id.in_(ids))
+            .order_by(WebhookDelivery.published_at.desc())
+            .limit(2)
+        )
+    assert newest in ids[:2], "the oldest publications go first"
+    queue.delete(QUEUE)
 
 
 def test_blocked_jobs_are_not_counted_as_owed_a_message(env: dict[str, str]) -> None:
@@ -677,7 +742,7 @@ def test_folder_broker_queues_are_counted_from_its_message_files(tmp_path: Any) 
     from kombu import Exchange, Queue
 
     from tierq import broker
-    from worker.relay import folder_queue_depths
+    from tierq.broker import folder_queue_depths
 
     settings = Settings(home=tmp_path, broker_url="atomicfs://")
     app = Celery("count", set_as_current=False)

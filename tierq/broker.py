@@ -8,12 +8,18 @@ of the sharp edges listed in ``shared/notes/celery-durability.md``.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport.redis import Channel as RedisChannel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tierq import folder_transport
 from tierq.config import EMERGENCY_QUEUE
@@ -122,3 +128,72 @@ def publish(
         log.warning("publish of job %s to %s failed: %s", job_id, queue, type(exc).__name__)
         return False
     return True
+
+
+# -- how many messages wait in each queue ------------------------------------------------
+
+# Short: a scrape or a relay sweep must not wait on a Redis that is away.
+REDIS_CONNECT_TIMEOUT = 0.5
+REDIS_SOCKET_TIMEOUT = 1.0
+
+
+def is_redis(url: str) -> bool:
+    # redis+socket:// and sentinel:// brokers are not counted here.
+    return url.startswith(("redis://", "rediss://"))
+
+
+def queue_depths(settings: Settings, queues: list[str]) -> dict[str, int] | None:
+    """Messages waiting in each queue; None when they cannot be counted: Redis unreachable
+    (publishing would fail too), or RabbitMQ, whose durable queues redeliver an unacked
+    message themselves and so lose none that a republish would have to replace."""
+    url = settings.effective_broker_url
+    if is_redis(url):
+        try:
+            return redis_queue_depths(url, queues)
+        except redis.RedisError as exc:
+            log.warning("cannot count the broker's queues (%s)", type(exc).__name__)
+            return None
+    if url.startswith((folder_transport.SCHEME, "filesystem")):
+        return folder_queue_depths(settings.broker_folder / "queue", queues)
+    return None
+
+
+def redis_queue_depths(url: str, queues: list[str]) -> dict[str, int]:
+    """LLEN of each queue, including kombu's per-priority lists; raises if Redis is away."""
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),  # redis-py retries by default; a count must not wait
+    )
+    try:
+        keys = {queue: _priority_keys(queue) for queue in queues}
+        pipe = client.pipeline(transaction=False)
+        for queue_keys in keys.values():
+            for key in queue_keys:
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
+        return {queue: sum(next(lengths) for _ in queue_keys) for queue, queue_keys in keys.items()}
+    finally:
+        client.close()
+
+
+def _priority_keys(queue: str) -> list[str]:
+    # kombu keeps a message with priority p in list "<queue>\x06\x16<p>" (p > 0), so a queue's
+    # depth is the sum of those lists, not only the one named after it.
+    steps = RedisChannel.priority_steps
+    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in steps if step)]
+
+
+def folder_queue_depths(folder: Path, queues: list[str]) -> dict[str, int]:
+    """The folder broker keeps one file per message, named ``<stamp>_<id>.<queue>.msg``."""
+    depths = dict.fromkeys(queues, 0)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return depths
+    for name in names:
+        queue = name.partition(".")[2].removesuffix(".msg")
+        if queue in depths and name.endswith(".msg"):
+            depths[queue] += 1
+    return depths

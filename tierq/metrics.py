@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
 import redis
-from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,11 +31,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import Connection, Engine, case, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from tierq import broker
 from tierq.config import EMERGENCY_QUEUE, TierqConfig
 from tierq.db import db_now, get_engine
 from tierq.models import (
@@ -71,8 +69,6 @@ DELIVERY_STATUSES = (
 UNDELIVERED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
 UP_HEALTH = ("healthy", "degraded")
 # A scrape must not hang on a dead broker or pile slow queries onto the database.
-REDIS_CONNECT_TIMEOUT = 0.5
-REDIS_SOCKET_TIMEOUT = 1.0
 STATEMENT_TIMEOUT_MS = 5000
 NONE_LABEL = "none"  # label value for a NULL column (quality, error_class)
 
@@ -328,38 +324,6 @@ def queue_names(config: TierqConfig) -> list[str]:
     return [*config.tier_names, EMERGENCY_QUEUE, WEBHOOKS_QUEUE]
 
 
-def _is_redis(url: str) -> bool:
-    # redis+socket:// and sentinel:// brokers fall back to counting in the database.
-    return url.startswith(("redis://", "rediss://"))
-
-
-def redis_queue_depths(url: str, queues: list[str]) -> dict[str, int]:
-    """LLEN of each queue, including kombu's per-priority lists; raises if Redis is away."""
-    client = redis.Redis.from_url(
-        url,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),  # redis-py retries by default; a scrape must not wait
-    )
-    try:
-        keys = {queue: _priority_keys(queue) for queue in queues}
-        pipe = client.pipeline(transaction=False)
-        for queue_keys in keys.values():
-            for key in queue_keys:
-                pipe.llen(key)
-        lengths = iter(pipe.execute())
-        return {queue: sum(next(lengths) for _ in queue_keys) for queue, queue_keys in keys.items()}
-    finally:
-        client.close()
-
-
-def _priority_keys(queue: str) -> list[str]:
-    # kombu keeps a message with priority p in list "<queue>\x06\x16<p>" (p > 0), so a queue's
-    # depth is the sum of those lists, not only the one named after it.
-    steps = RedisChannel.priority_steps
-    return [queue, *(f"{queue}{RedisChannel.sep}{step}" for step in steps if step)]
-
-
 def database_queue_depths(conn: Connection, queues: list[str]) -> dict[str, int]:
     """For brokers we cannot count (filesystem, AMQP): jobs queued on each tier, and
     webhook deliveries that are due."""
@@ -456,7 +420,7 @@ class TierqCollector(Collector):
                     metrics = [
                         m for section in DATABASE_SECTIONS for m in section(conn, self.config)
                     ]
-                    if not _is_redis(self.broker_url):
+                    if not broker.is_redis(self.broker_url):
                         depths = database_queue_depths(conn, queue_names(self.config))
                         metrics.append(_queue_family(depths, "database"))
         except SQLAlchemyError as exc:
@@ -478,10 +442,10 @@ class TierqCollector(Collector):
 
     def _broker_metrics(self) -> Iterator[Metric]:
         url = self.broker_url
-        if not _is_redis(url):
+        if not broker.is_redis(url):
             return  # counted from the database above; there is no broker connection to judge
         try:
-            depths = redis_queue_depths(url, queue_names(self.config))
+            depths = broker.redis_queue_depths(url, queue_names(self.config))
         except (redis.RedisError, OSError) as exc:
             self._failed("broker", exc)
             yield GaugeMetricFamily("tierq_broker_up", "1 if the broker answered.", 0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import random
 import threading
 import time
@@ -25,18 +24,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import Connection, Engine, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from tierq import broker, folder_transport
+from tierq import broker
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
 from tierq.events import notify_job_changed, record_event
-from tierq.metrics import redis_queue_depths
 from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
 from tierq.operations import release_parked
 from tierq.settings import Settings
@@ -282,7 +278,7 @@ class Relay:
         there are queued jobs (plus duplicates the workers drop). A message a worker has
         reserved but not yet claimed is not in the queue: at most one per worker process
         is published twice, and the second copy is a no-op."""
-        depths = self._queue_depths()
+        depths = broker.queue_depths(self.settings, self.config.tier_names)
         if depths is None:
             return []
         published = (Job.status == JobStatus.QUEUED) & Job.published_at.is_not(None) & ~_blocked()
@@ -304,36 +300,6 @@ class Relay:
                 .limit(shortfall)
             ).all()
         return rows
-
-    def _queue_depths(self) -> dict[str, int] | None:
-        """Messages waiting in each tier's queue; None when they cannot be counted: Redis
-        unreachable (publishing would fail too), or RabbitMQ, whose durable queues redeliver
-        an unacked message themselves and so lose none that a republish would replace."""
-        url = self.settings.effective_broker_url
-        tiers = self.config.tier_names
-        if url.startswith(("redis://", "rediss://")):
-            try:
-                return redis_queue_depths(url, tiers)
-            except redis.RedisError as exc:
-                log.warning("cannot count the broker's queues (%s); republishing nothing", exc)
-                return None
-        if url.startswith((folder_transport.SCHEME, "filesystem")):
-            return folder_queue_depths(self.settings.broker_folder / "queue", tiers)
-        return None
-
-
-def folder_queue_depths(folder: Path, queues: list[str]) -> dict[str, int]:
-    """The folder broker keeps one file per message, named ``<stamp>_<id>.<queue>.msg``."""
-    depths = dict.fromkeys(queues, 0)
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return depths
-    for name in names:
-        queue = name.partition(".")[2].removesuffix(".msg")
-        if queue in depths and name.endswith(".msg"):
-            depths[queue] += 1
-    return depths
 
 
 def _publish_until_failure(rows: list[Any]) -> list[uuid.UUID]:

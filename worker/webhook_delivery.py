@@ -24,11 +24,13 @@ from typing import Any
 import httpx
 from celery import Task
 from kombu import Exchange, Queue
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from tierq import broker
 from tierq.db import db_now, session_scope
 from tierq.models import ApiKey, WebhookDelivery
+from tierq.settings import get_settings
 from tierq.webhooks import (
     DELIVER,
     QUEUE,
@@ -123,17 +125,13 @@ def _publish_due(settings: WebhookSettings) -> int:
             )
             .returning(WebhookDelivery.id)
         ).all()
-        stale = WebhookDelivery.published_at < db_now(-settings.republish_after)
         due = session.scalars(
             select(WebhookDelivery.id)
-            .where(
-                WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_at <= db_now(),
-                WebhookDelivery.published_at.is_(None) | stale,
-            )
+            .where(_DUE, WebhookDelivery.published_at.is_(None))
             .order_by(WebhookDelivery.next_attempt_at)
             .limit(PUBLISH_BATCH)
         ).all()
+        due += _missing_messages(session, settings, PUBLISH_BATCH - len(due))
     published = _publish_until_failure(list(due))
     if published:
         with session_scope() as session:
@@ -143,6 +141,34 @@ def _publish_due(settings: WebhookSettings) -> int:
                 .values(published_at=db_now())
             )
     return len(reclaimed) + len(published)
+
+
+_DUE = (WebhookDelivery.status == DeliveryStatus.PENDING) & (
+    WebhookDelivery.next_attempt_at <= db_now()
+)
+
+
+def _missing_messages(session: Session, settings: WebhookSettings, limit: int) -> list[str]:
+    """Due deliveries published long ago whose message may be gone, as many as the queue is
+    short of the due deliveries that should have one (the relay's rule for jobs): a backlog
+    the delivery workers are still draining is not published again every period."""
+    depth = (broker.queue_depths(get_settings(), [QUEUE]) or {}).get(QUEUE)
+    if depth is None or limit <= 0:
+        return []
+    published = _DUE & WebhookDelivery.published_at.is_not(None)
+    expected = session.scalar(select(func.count()).where(published)) or 0
+    shortfall = min(expected - depth, limit)
+    if shortfall <= 0:
+        return []
+    stale = WebhookDelivery.published_at < db_now(-settings.republish_after)
+    return list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(published, stale)
+            .order_by(WebhookDelivery.published_at)
+            .limit(shortfall)
+        )
+    )
 
 
 def _publish_until_failure(due: list[str]) -> list[str]:
