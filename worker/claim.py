@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, func, insert, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Float, Integer, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from tierq.db import db_now
 from tierq.events import notify_job_changed, record_event
@@ -27,6 +27,102 @@ class Lease:
     owner: str
 
 
+# The hot statements are built once, on the table (no ORM bookkeeping), with bound
+# parameters: building a statement costs more Python time than running it.
+_jobs = Job.__table__
+_other = _jobs.alias("other_job")
+
+
+def _param(name: str, column: str) -> Any:
+    return bindparam(name, type_=_jobs.c[column].type)
+
+
+_SECONDS = bindparam("p_seconds", type_=Float())
+_IS_LEASE = and_(
+    _jobs.c.id == _param("p_job", "id"),
+    _jobs.c.lease_token == _param("p_token", "lease_token"),
+)
+_HOLDS_LEASE = and_(_IS_LEASE, _jobs.c.status == JobStatus.RUNNING)
+_CLAIM = (
+    update(_jobs)
+    .where(
+        _jobs.c.id == _param("p_job", "id"),
+        _jobs.c.status == JobStatus.QUEUED,
+        _jobs.c.tier == _param("p_tier", "tier"),
+        ~exists().where(_other.c.id == _jobs.c.after_job_id, _other.c.status.in_(ACTIVE_STATUSES)),
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        lease_token=_param("p_token", "lease_token"),
+        lease_owner=_param("p_owner", "lease_owner"),
+        lease_expires_at=db_now(_SECONDS),
+        deliveries=_jobs.c.deliveries + 1,
+        calling_backend=None,  # a dead worker's call is not ours
+        updated_at=db_now(),
+    )
+    .returning(_jobs.c.id)
+)
+_RENEW = (
+    update(_jobs)
+    .where(_HOLDS_LEASE)
+    .values(lease_expires_at=db_now(_SECONDS))
+    .returning(_jobs.c.id)
+)
+_COUNT_ATTEMPT = (
+    update(_jobs)
+    .where(_IS_LEASE)
+    .values(attempts=_jobs.c.attempts + 1, tier_attempts=_jobs.c.tier_attempts + 1)
+)
+_START_CALL = (
+    update(_jobs)
+    .where(
+        _HOLDS_LEASE,
+        select(func.count())
+        .where(
+            _other.c.calling_backend.is_not(None),
+            _other.c.status == JobStatus.RUNNING,
+            _other.c.lease_expires_at > db_now(),
+            _other.c.calling_backend == _param("p_backend", "calling_backend"),
+            _other.c.id != _param("p_job", "id"),
+        )
+        .scalar_subquery()
+        < bindparam("p_cap", type_=Integer()),
+    )
+    .values(calling_backend=_param("p_backend", "calling_backend"))
+    .returning(_jobs.c.id)
+)
+_END_CALL = update(_jobs).where(_HOLDS_LEASE).values(calling_backend=None)
+_SUCCEED = (
+    update(_jobs)
+    .where(_HOLDS_LEASE)
+    .values(
+        status=JobStatus.SUCCEEDED,
+        result=_param("p_result", "result"),
+        backend=_param("p_backend", "backend"),
+        model=_param("p_model", "model"),
+        quality=_param("p_quality", "quality"),
+        cache_key=_param("p_cache_key", "cache_key"),
+        finished_at=db_now(),
+        error=None,
+        lease_token=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        calling_backend=None,
+        updated_at=db_now(),
+        # The answer's own attempt is counted by its release (see succeed).
+        attempts=_jobs.c.attempts + 1,
+        tier_attempts=_jobs.c.tier_attempts + 1,
+    )
+    .returning(_jobs.c.id)
+)
+_ATTEMPT_INSERT = insert(Attempt.__table__)
+_TURN_INSERT = insert(Turn.__table__)
+
+
+def _lease_params(lease: Lease) -> dict[str, Any]:
+    return {"p_job": lease.job_id, "p_token": lease.token}
+
+
 def claim(
     session: Session, job_id: uuid.UUID, tier: str, owner: str, seconds: float
 ) -> Lease | None:
@@ -34,22 +130,10 @@ def claim(
 
     None means the message was a duplicate, stale (the job moved on) or early (blocked).
     """
-    before = aliased(Job)
-    blocked = exists().where(before.id == Job.after_job_id, before.status.in_(ACTIVE_STATUSES))
     token = uuid.uuid4()
     claimed = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.tier == tier, ~blocked)
-        .values(
-            status=JobStatus.RUNNING,
-            lease_token=token,
-            lease_owner=owner,
-            lease_expires_at=db_now(seconds),
-            deliveries=Job.deliveries + 1,
-            calling_backend=None,  # a dead worker's call is not ours
-            updated_at=db_now(),
-        )
-        .returning(Job.id)
+        _CLAIM,
+        {"p_job": job_id, "p_tier": tier, "p_token": token, "p_owner": owner, "p_seconds": seconds},
     )
     if not claimed:
         return None
@@ -58,14 +142,7 @@ def claim(
 
 
 def renew(session: Session, lease: Lease, seconds: float) -> bool:
-    renewed = session.scalar(
-        update(Job)
-        .where(
-            Job.id == lease.job_id, Job.lease_token == lease.token, Job.status == JobStatus.RUNNING
-        )
-        .values(lease_expires_at=db_now(seconds))
-        .returning(Job.id)
-    )
+    renewed = session.scalar(_RENEW, {**_lease_params(lease), "p_seconds": seconds})
     return renewed is not None
 
 
@@ -120,29 +197,21 @@ def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
     slot under Postgres's READ COMMITTED, so the caller holds the backend's row lock
     (routing.choose), which serializes slot-taking per backend.
     """
-    other = aliased(Job)
-    in_flight = (
-        select(func.count())
-        .where(_in_flight(other), other.calling_backend == backend, other.id != lease.job_id)
-        .scalar_subquery()
-    )
     taken = session.scalar(
-        _fenced(lease).where(in_flight < cap).values(calling_backend=backend).returning(Job.id)
+        _START_CALL, {**_lease_params(lease), "p_backend": backend, "p_cap": cap}
     )
     return taken is not None
 
 
 def end_call(session: Session, lease: Lease) -> None:
     """Give the call slot back (fenced: a lost lease's slot is no longer this worker's)."""
-    session.execute(_fenced(lease).values(calling_backend=None))
+    session.execute(_END_CALL, _lease_params(lease))
 
 
 def add_attempt(session: Session, lease: Lease, **fields: Any) -> None:
     """The attempt row alone (the call happened, whoever holds the lease now)."""
     # Core, not the unit of work: nothing reads the row back in this transaction.
-    session.execute(
-        insert(Attempt.__table__), {"job_id": lease.job_id, "worker": lease.owner, **fields}
-    )
+    session.execute(_ATTEMPT_INSERT, {"job_id": lease.job_id, "worker": lease.owner, **fields})
 
 
 def record_attempt(session: Session, lease: Lease, **fields: Any) -> None:
@@ -153,11 +222,7 @@ def record_attempt(session: Session, lease: Lease, **fields: Any) -> None:
 
 
 def _count_attempt(session: Session, lease: Lease) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == lease.job_id, Job.lease_token == lease.token)
-        .values(attempts=Job.attempts + 1, tier_attempts=Job.tier_attempts + 1)
-    )
+    session.execute(_COUNT_ATTEMPT, _lease_params(lease))
 
 
 def succeed(
@@ -178,26 +243,18 @@ def succeed(
     counted here, and its call slot given back, by the release itself; one statement
     instead of three while the lease is ours.
     """
-    counters = (
-        {"attempts": Job.attempts + 1, "tier_attempts": Job.tier_attempts + 1}
-        if count_attempt
-        else {}
-    )
-    if not _release(
-        session,
-        lease,
-        status=JobStatus.SUCCEEDED,
-        result=result,
-        backend=backend,
-        model=model,
-        quality=quality,
-        cache_key=cache_key,
-        finished_at=db_now(),
-        error=None,
-        **counters,
-    ):
-        if count_attempt:  # what record_attempt would have done; the slot is not ours
+    answer = {"result": result, "backend": backend, "model": model, "quality": quality}
+    answer["cache_key"] = cache_key
+    if count_attempt:
+        released = session.scalar(
+            _SUCCEED, {**_lease_params(lease), **{f"p_{k}": v for k, v in answer.items()}}
+        )
+        if released is None:  # what record_attempt would have done; the slot is not ours
             _count_attempt(session, lease)
+            return False
+    elif not _release(
+        session, lease, status=JobStatus.SUCCEEDED, finished_at=db_now(), error=None, **answer
+    ):
         return False
     record_event(
         session,
@@ -209,7 +266,7 @@ def succeed(
     )
     content = result["choices"][0]["message"]["content"]
     session.execute(
-        insert(Turn.__table__),
+        _TURN_INSERT,
         {
             "conversation_id": job.conversation_id,
             "seq": job.answer_seq,
