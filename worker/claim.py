@@ -169,7 +169,7 @@ def _release(session: Session, lease: Lease, **values: Any) -> bool:
     return done is not None
 
 
-def _in_flight(job: Any) -> Any:
+def in_flight(job: Any) -> Any:
     """``job`` (the Job entity or an alias) is a call in flight: running under a lease that
     has not run out (database clock), so a worker that died mid-call stops counting when its
     lease expires."""
@@ -184,7 +184,7 @@ def calls_in_flight(session: Session, backends: list[str]) -> dict[str, int]:
     """Calls in flight per backend, across every worker."""
     rows = session.execute(
         select(Job.calling_backend, func.count())
-        .where(_in_flight(Job), Job.calling_backend.in_(backends))
+        .where(in_flight(Job), Job.calling_backend.in_(backends))
         .group_by(Job.calling_backend)
     ).all()
     return {name: count for name, count in rows}

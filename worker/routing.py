@@ -21,12 +21,12 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.db import db_now
-from tierq.models import Backend
+from tierq.models import Backend, Job
 from worker import circuit, claim
 
 LATENCY_FLOOR_MS = 50.0
@@ -108,18 +108,29 @@ def _lock_slots(session: Session, backends: list[BackendConfig]) -> None:
         )
 
 
+# Built once: each backend's row, the database's time and the backend's calls in flight,
+# in one read taken after the slot locks (its snapshot then sees every slot taken before).
+_in_flight_here = (
+    select(func.count())
+    .where(claim.in_flight(Job), Job.calling_backend == Backend.name)
+    .correlate(Backend)
+    .scalar_subquery()
+)
+_ROWS = select(Backend, db_now(), _in_flight_here).where(
+    Backend.name.in_(bindparam("p_names", expanding=True))
+)
+
+
 def _rows(
     session: Session, config: TierqConfig, wanted: list[BackendConfig]
-) -> tuple[dict[str, Backend], datetime | None]:
-    """The backends' rows and the database's time."""
-    rows_and_now = session.execute(
-        select(Backend, db_now()).where(Backend.name.in_([b.name for b in wanted]))
-    ).all()
-    if len(rows_and_now) < len(wanted):
+) -> tuple[dict[str, tuple[Backend, int]], datetime | None]:
+    """The backends' rows with their calls in flight, and the database's time."""
+    found = session.execute(_ROWS, {"p_names": [b.name for b in wanted]}).all()
+    if len(found) < len(wanted):
         circuit.ensure_rows(session, config)
         return _rows(session, config, wanted)
-    rows = {row.name: row for row, _ in rows_and_now}
-    now = claim.as_aware(rows_and_now[0][1]) if rows_and_now else None
+    rows = {row.name: (row, in_flight) for row, _, in_flight in found}
+    now = claim.as_aware(found[0][1]) if found else None
     return rows, now
 
 
@@ -130,20 +141,11 @@ def _candidates(
     rows, now = _rows(session, config, wanted)
     if now is None:
         return []
-    live = [
-        (b, rows[b.name])
-        for b in wanted
-        if not rows[b.name].disabled and rows[b.name].health != "down"
-    ]
-    loads = claim.calls_in_flight(session, [b.name for b, _ in live])
     return [
-        _Candidate(
-            b,
-            row,
-            ramp(row, now, config.breaker_for(b.name).slow_start_seconds),
-            loads.get(b.name, 0),
-        )
-        for b, row in live
+        _Candidate(b, row, ramp(row, now, config.breaker_for(b.name).slow_start_seconds), in_flight)
+        for b in wanted
+        for row, in_flight in [rows[b.name]]
+        if not row.disabled and row.health != "down"
     ]
 
 
