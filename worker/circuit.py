@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import Boolean, Float, Integer, bindparam, case, insert, select, update
 from sqlalchemy.orm import Session
 
 from tierq.config import BreakerConfig, TierqConfig
@@ -82,6 +82,33 @@ def acquire(
     return Permit(row.name, trial=True) if trial else None
 
 
+# Built once (the hot path: every call's outcome), on the table, with bound parameters.
+_backends = Backend.__table__
+_fresh_window = _backends.c.window_started_at.is_(None) | (
+    _backends.c.window_started_at < db_now(bindparam("p_window_start", type_=Float()))
+)
+_failed = bindparam("p_failed", type_=Integer())
+_RECORD_CALL = (
+    update(_backends)
+    .where(_backends.c.name == bindparam("p_backend", type_=_backends.c.name.type))
+    .values(
+        window_started_at=case((_fresh_window, db_now()), else_=_backends.c.window_started_at),
+        window_calls=case((_fresh_window, 1), else_=_backends.c.window_calls + 1),
+        window_failures=case((_fresh_window, _failed), else_=_backends.c.window_failures + _failed),
+        window_retries=case((_fresh_window, 0), else_=_backends.c.window_retries),
+        # A failed call's latency says nothing: the last good one stays.
+        last_latency_ms=case(
+            (
+                bindparam("p_ok", type_=Boolean()),
+                bindparam("p_latency", type_=_backends.c.last_latency_ms.type),
+            ),
+            else_=_backends.c.last_latency_ms,
+        ),
+    )
+    .returning(_backends.c.window_calls, _backends.c.window_failures)
+)
+
+
 def record(
     session: Session,
     permit: Permit,
@@ -94,21 +121,15 @@ def record(
     if permit.trial:
         _record_trial(session, permit.backend, ok, breaker, reason)
         return
-    fresh = Backend.window_started_at.is_(None) | (
-        Backend.window_started_at < db_now(-breaker.window_seconds)
-    )
-    failed = 0 if ok else 1
     calls, failures = session.execute(
-        update(Backend)
-        .where(Backend.name == permit.backend)
-        .values(
-            window_started_at=case((fresh, db_now()), else_=Backend.window_started_at),
-            window_calls=case((fresh, 1), else_=Backend.window_calls + 1),
-            window_failures=case((fresh, failed), else_=Backend.window_failures + failed),
-            window_retries=case((fresh, 0), else_=Backend.window_retries),
-            last_latency_ms=latency_ms if ok else Backend.last_latency_ms,
-        )
-        .returning(Backend.window_calls, Backend.window_failures)
+        _RECORD_CALL,
+        {
+            "p_backend": permit.backend,
+            "p_window_start": -breaker.window_seconds,
+            "p_failed": 0 if ok else 1,
+            "p_ok": ok,
+            "p_latency": latency_ms,
+        },
     ).one()
     if not ok and calls >= breaker.min_calls and failures / calls >= breaker.failure_rate:
         _open(

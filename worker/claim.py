@@ -115,6 +115,12 @@ _SUCCEED = (
     )
     .returning(_jobs.c.id)
 )
+_SUCCESSORS = (
+    update(_jobs)
+    .where(_jobs.c.after_job_id == _param("p_job", "id"), _jobs.c.status == JobStatus.QUEUED)
+    .values(published_at=db_now())
+    .returning(_jobs.c.id, _jobs.c.tier)
+)
 _ATTEMPT_INSERT = insert(Attempt.__table__)
 _TURN_INSERT = insert(Turn.__table__)
 
@@ -379,10 +385,5 @@ def deadline_passed(session: Session, job_id: uuid.UUID) -> bool:
 
 def successors(session: Session, job_id: uuid.UUID) -> list[tuple[uuid.UUID, str]]:
     """Queued jobs that were waiting for this one; mark them published (the caller does)."""
-    rows = session.execute(
-        update(Job)
-        .where(Job.after_job_id == job_id, Job.status == JobStatus.QUEUED)
-        .values(published_at=db_now())
-        .returning(Job.id, Job.tier)
-    )
+    rows = session.execute(_SUCCESSORS, {"p_job": job_id})
     return [(row.id, row.tier) for row in rows]
