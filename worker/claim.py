@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Float, Integer, and_, bindparam, exists, func, insert, select, update
@@ -43,7 +43,7 @@ _IS_LEASE = and_(
     _jobs.c.lease_token == _param("p_token", "lease_token"),
 )
 _HOLDS_LEASE = and_(_IS_LEASE, _jobs.c.status == JobStatus.RUNNING)
-_CLAIM = (
+_CLAIM_UPDATE = (
     update(_jobs)
     .where(
         _jobs.c.id == _param("p_job", "id"),
@@ -60,8 +60,10 @@ _CLAIM = (
         calling_backend=None,  # a dead worker's call is not ours
         updated_at=db_now(),
     )
-    .returning(_jobs.c.id)
 )
+_CLAIM = _CLAIM_UPDATE.returning(_jobs.c.id)
+# The claimed row itself, as the ORM's Job: the claim and the job's read in one statement.
+_CLAIM_JOB = select(Job).from_statement(_CLAIM_UPDATE.returning(*_jobs.c))
 _RENEW = (
     update(_jobs)
     .where(_HOLDS_LEASE)
@@ -129,6 +131,18 @@ def _lease_params(lease: Lease) -> dict[str, Any]:
     return {"p_job": lease.job_id, "p_token": lease.token}
 
 
+def _claim_params(
+    job_id: uuid.UUID, tier: str, owner: str, seconds: float, token: uuid.UUID
+) -> dict[str, Any]:
+    return {
+        "p_job": job_id,
+        "p_tier": tier,
+        "p_token": token,
+        "p_owner": owner,
+        "p_seconds": seconds,
+    }
+
+
 def claim(
     session: Session, job_id: uuid.UUID, tier: str, owner: str, seconds: float
 ) -> Lease | None:
@@ -137,14 +151,31 @@ def claim(
     None means the message was a duplicate, stale (the job moved on) or early (blocked).
     """
     token = uuid.uuid4()
-    claimed = session.scalar(
-        _CLAIM,
-        {"p_job": job_id, "p_tier": tier, "p_token": token, "p_owner": owner, "p_seconds": seconds},
-    )
+    claimed = session.scalar(_CLAIM, _claim_params(job_id, tier, owner, seconds, token))
     if not claimed:
         return None
     record_event(session, job_id, "claimed", worker=owner, tier=tier)
     return Lease(job_id, token, owner)
+
+
+def claim_and_load(
+    session: Session, job_id: uuid.UUID, tier: str, owner: str, seconds: float
+) -> tuple[Lease, Job, float | None] | None:
+    """``claim``, also returning the claimed job and the seconds left before its deadline
+    (``seconds_left``'s answer at the claim), read by the claim's own statement."""
+    token = uuid.uuid4()
+    job = session.scalars(
+        _CLAIM_JOB, _claim_params(job_id, tier, owner, seconds, token)
+    ).one_or_none()
+    if job is None:
+        return None
+    record_event(session, job_id, "claimed", worker=owner, tier=tier)
+    time_left = None
+    if job.deadline is not None and job.lease_expires_at is not None:
+        # The lease runs ``seconds`` from the claim's database time.
+        claimed_at = as_aware(job.lease_expires_at) - timedelta(seconds=seconds)
+        time_left = (as_aware(job.deadline) - claimed_at).total_seconds()
+    return Lease(job_id, token, owner), job, time_left
 
 
 def renew(session: Session, lease: Lease, seconds: float) -> bool:
@@ -359,14 +390,6 @@ def seconds_left(session: Session, job_id: uuid.UUID) -> float | None:
     if deadline is None:
         return None
     return (as_aware(deadline) - as_aware(now)).total_seconds()
-
-
-def load_with_time_left(session: Session, job_id: uuid.UUID) -> tuple[Job, float | None]:
-    """The job and ``seconds_left``'s answer, in one read."""
-    job, now = session.execute(select(Job, db_now()).where(Job.id == job_id)).one()
-    if job.deadline is None:
-        return job, None
-    return job, (as_aware(job.deadline) - as_aware(now)).total_seconds()
 
 
 def as_aware(value: datetime | str) -> datetime:

@@ -146,19 +146,20 @@ class JobRunner:
         # event): both are committed before the call starts, and each transaction costs a
         # pool check-out with its ping, a BEGIN and a COMMIT.
         with session_scope() as session:
-            lease = claim.claim(
+            claimed = claim.claim_and_load(
                 session, job_id, tier_name, self.worker, self.settings.lease_seconds
             )
-            if lease is None:
+            if claimed is None:
                 log.info(
                     "job %s: not claimable on %s (duplicate or moved on); dropped",
                     job_id,
                     tier_name,
                 )
                 return
+            lease, job, time_left = claimed
             # Claimed and nothing else done; dying here rolls the claim back with the rest.
             crash_point("worker.after_claim")
-            prepared = self._prepare(session, lease, tier)
+            prepared = self._prepare(session, lease, job, time_left, tier)
         if isinstance(prepared, _Prepared):
             with kept_alive(lease, self.settings.lease_seconds):
                 publish_to = self._call_and_record(lease, tier, prepared)
@@ -167,25 +168,28 @@ class JobRunner:
         if publish_to:
             broker.publish(job_id, publish_to)
 
-    def _load(self, session: Session, lease: claim.Lease) -> tuple[Job, list[Turn], float | None]:
-        """The job, its conversation so far and the seconds left before its deadline."""
-        job, time_left = claim.load_with_time_left(session, lease.job_id)
-        turns = list(
+    def _turns(self, session: Session, job: Job) -> list[Turn]:
+        """The conversation so far."""
+        return list(
             session.scalars(
                 select(Turn)
                 .where(Turn.conversation_id == job.conversation_id, Turn.seq < job.answer_seq)
                 .order_by(Turn.seq)
             )
         )
-        return job, turns, time_left
 
     def _prepare(
-        self, session: Session, lease: claim.Lease, tier: TierConfig
+        self,
+        session: Session,
+        lease: claim.Lease,
+        job: Job,
+        time_left: float | None,
+        tier: TierConfig,
     ) -> _Prepared | str | None:
         """In the claim's transaction: a backend and its call slot, or what happened instead
         (the queue to publish the job to if it moved to another tier, else None)."""
         first = self.config.tier(self.config.tier_names[0])
-        job, turns, time_left = self._load(session, lease)
+        turns = self._turns(session, job)
         if time_left is not None and time_left <= 0:
             claim.end(session, lease, JobStatus.FAILED, "deadline passed before an answer")
             return None
