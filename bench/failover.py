@@ -321,7 +321,12 @@ def _s(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--failure", choices=["kill", "hang", "both"], default="both")
+    parser.add_argument(
+        "--failure",
+        choices=["kill", "hang", "both", "drain"],
+        default="both",
+        help="drain: only the replay drain of --parked jobs",
+    )
     parser.add_argument("--parked", type=int, default=10_000)
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="tierq-failover-"))
@@ -339,8 +344,11 @@ def main() -> None:
                 "TIERQ_RELAY_INTERVAL": "0.2",
             }
             try:
-                run_outage(env, logs, make_key(database.url), failure, database.url)
-                if args.parked and failure == "kill":
+                if failure != "drain":
+                    run_outage(env, logs, make_key(database.url), failure, database.url)
+                else:
+                    make_key(database.url)  # the drain's parked jobs need an owner
+                if args.parked and failure in ("kill", "drain"):
                     run_drain(database.url, env, logs, args.parked)
             finally:
                 database.drop()

@@ -366,7 +366,8 @@ def test_replay_burst_is_the_tiers_capacity_highest_priority_then_oldest() -> No
         [{"max_concurrency": 1}, {"max_concurrency": 2}], emergency={"replay_rate": 50}
     )
     capacity = 3
-    relay = relay_for(config)
+    # Sweeps 20 ms apart: one sweep's worth of the rate is 1 job, less than the capacity.
+    relay = relay_for(config, relay_interval=0.02)
     parked = add_jobs(
         *(
             {"status": "parked", "tier": "emergency", "priority": p, "age_seconds": age}
@@ -379,6 +380,18 @@ def test_replay_burst_is_the_tiers_capacity_highest_priority_then_oldest() -> No
     released = {job_id for job_id in parked if job(job_id).status == "queued"}
     # priority 5 (the older first), then priority 1
     assert released == {parked[3], parked[1], parked[6]}
+
+
+def test_replay_reaches_the_configured_rate_however_small_the_capacity() -> None:
+    config = make_config([{"max_concurrency": 1}], emergency={"replay_rate": 20})
+    relay = relay_for(config, relay_interval=0.5)  # one sweep's worth: 10 jobs
+    parked = add_jobs(*({"status": "parked", "tier": "emergency"} for _ in range(30)))
+    time.sleep(1.0)
+
+    assert relay.sweep()["replayed"] == 10, "a sweep releases rate x interval, not capacity"
+    time.sleep(0.5)
+    assert relay.sweep()["replayed"] == 10
+    assert sum(job(job_id).status == "queued" for job_id in parked) == 20
 
 
 def test_relay_sweeps_are_jittered() -> None:

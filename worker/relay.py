@@ -158,8 +158,8 @@ class Relay:
     def _replay_parked(self) -> int:
         """Release parked jobs to the first tier that is alive again, highest priority and
         oldest first: one at a time while its breaker is only half open, then at the replay
-        rate (a token bucket no deeper than the tier's capacity), so a recovering backend
-        is not flooded."""
+        rate (a token bucket one sweep deep, at least the tier's capacity), so a recovering
+        backend is not flooded."""
         with session_scope() as session:
             live = live_tier(session, self.config)
             self._refill_replay_credit(live)
@@ -187,7 +187,12 @@ class Relay:
     def _refill_replay_credit(self, live: LiveTier | None) -> None:
         now = time.monotonic()
         rate = self.config.emergency.replay_rate
-        burst = max(1.0, min(rate, live.capacity)) if live else 1.0
+        # The bucket holds one sweep's worth of the rate, and never less than the tier's
+        # capacity: shallower, and a sweep every relay_interval could never reach the
+        # configured rate (it drained at capacity / interval, 27 jobs/s against a cap of
+        # 500). The backends stay protected by their concurrency caps either way.
+        depth = max(live.capacity, rate * self.settings.relay_interval) if live else 1.0
+        burst = max(1.0, min(rate, depth))
         elapsed = now - self._last_sweep
         self._replay_credit = min(self._replay_credit + elapsed * rate, burst)
         self._last_sweep = now
