@@ -361,37 +361,35 @@ def test_parked_job_past_its_deadline_fails_without_being_replayed() -> None:
     assert job(alive).status == "queued"
 
 
-def test_replay_burst_is_the_tiers_capacity_highest_priority_then_oldest() -> None:
-    config = make_config(
-        [{"max_concurrency": 1}, {"max_concurrency": 2}], emergency={"replay_rate": 50}
-    )
-    capacity = 3
-    # Sweeps 20 ms apart: one sweep's worth of the rate is 1 job, less than the capacity.
-    relay = relay_for(config, relay_interval=0.02)
+def test_replay_releases_highest_priority_then_oldest() -> None:
+    config = make_config([{}], emergency={"replay_rate": 3})
+    relay = relay_for(config, relay_interval=1.0)
     parked = add_jobs(
         *(
             {"status": "parked", "tier": "emergency", "priority": p, "age_seconds": age}
             for p, age in [(0, 50), (5, 10), (0, 40), (5, 20), (0, 30), (0, 60), (1, 1)]
         )
     )
-    time.sleep(1.0)  # enough credit for 50 jobs, if the bucket were as deep as the rate
+    time.sleep(1.5)  # credit for 4.5 jobs; the bucket holds a second's worth: 3
 
-    assert relay.sweep()["replayed"] == capacity
+    assert relay.sweep()["replayed"] == 3
     released = {job_id for job_id in parked if job(job_id).status == "queued"}
     # priority 5 (the older first), then priority 1
     assert released == {parked[3], parked[1], parked[6]}
 
 
-def test_replay_reaches_the_configured_rate_however_small_the_capacity() -> None:
+def test_replay_reaches_the_configured_rate_however_small_the_backends() -> None:
     config = make_config([{"max_concurrency": 1}], emergency={"replay_rate": 20})
-    relay = relay_for(config, relay_interval=0.5)  # one sweep's worth: 10 jobs
-    parked = add_jobs(*({"status": "parked", "tier": "emergency"} for _ in range(30)))
-    time.sleep(1.0)
+    relay = relay_for(config, relay_interval=0.5)
+    parked = add_jobs(*({"status": "parked", "tier": "emergency"} for _ in range(40)))
+    time.sleep(2.0)  # 40 jobs' worth of rate, but a stalled relay gets a second's worth
 
-    assert relay.sweep()["replayed"] == 10, "a sweep releases rate x interval, not capacity"
+    assert relay.sweep()["replayed"] == 20, "rate x 1 s at most, not the 1 call in flight"
     time.sleep(0.5)
-    assert relay.sweep()["replayed"] == 10
-    assert sum(job(job_id).status == "queued" for job_id in parked) == 20
+    # then rate x the time since the last sweep (0.5 s, plus the first sweep's own work)
+    second = relay.sweep()["replayed"]
+    assert 10 <= second <= 13, second
+    assert sum(job(job_id).status == "queued" for job_id in parked) == 20 + second
 
 
 def test_relay_sweeps_are_jittered() -> None:

@@ -55,7 +55,6 @@ class LeadershipLost(RuntimeError):
 class LiveTier:
     name: str
     closed: bool  # False: only half-open trials (or open past its recovery timeout)
-    capacity: int  # concurrent calls its callable backends take (max_concurrency summed)
 
 
 def _blocked() -> Any:
@@ -158,8 +157,7 @@ class Relay:
     def _replay_parked(self) -> int:
         """Release parked jobs to the first tier that is alive again, highest priority and
         oldest first: one at a time while its breaker is only half open, then at the replay
-        rate (a token bucket one sweep deep, at least the tier's capacity), so a recovering
-        backend is not flooded."""
+        rate, so a recovering backend is not flooded."""
         with session_scope() as session:
             live = live_tier(session, self.config)
             self._refill_replay_credit(live)
@@ -185,15 +183,17 @@ class Relay:
         return len(released)
 
     def _refill_replay_credit(self, live: LiveTier | None) -> None:
+        """A token bucket refilled at the replay rate and as deep as the time since the last
+        sweep (which includes that sweep's own work), at most a second's worth: so the rate
+        is reached however long a sweep takes, and a relay that stalled does not release a
+        flood at once. The bucket is not sized by the backends' concurrency: capped at it,
+        the replay drained at capacity / relay_interval (27 jobs/s against a configured
+        500), and the backends are protected by their concurrency caps anyway."""
         now = time.monotonic()
         rate = self.config.emergency.replay_rate
-        # The bucket holds one sweep's worth of the rate, and never less than the tier's
-        # capacity: shallower, and a sweep every relay_interval could never reach the
-        # configured rate (it drained at capacity / interval, 27 jobs/s against a cap of
-        # 500). The backends stay protected by their concurrency caps either way.
-        depth = max(live.capacity, rate * self.settings.relay_interval) if live else 1.0
-        burst = max(1.0, min(rate, depth))
         elapsed = now - self._last_sweep
+        period = min(max(elapsed, self.settings.relay_interval), 1.0)
+        burst = max(1.0, rate * period) if live else 1.0
         self._replay_credit = min(self._replay_credit + elapsed * rate, burst)
         self._last_sweep = now
 
@@ -394,11 +394,10 @@ def live_tier(session: Session, config: TierqConfig) -> LiveTier | None:
             )
             for b in tier.backends
         }
-        capacity = sum(b.max_concurrency for b in tier.backends if states[b.name] is not None)
         if "closed" in states.values():
-            return LiveTier(tier.name, True, capacity)
+            return LiveTier(tier.name, True)
         if "trial" in states.values():
-            return LiveTier(tier.name, False, capacity)
+            return LiveTier(tier.name, False)
     return None
 
 
