@@ -118,6 +118,16 @@ class ServedBy(BaseModel):
     quality: str | None
     attempts: int
 
+    @classmethod
+    def of(cls, job: Job) -> ServedBy:
+        return cls(
+            tier=job.tier,
+            backend=job.backend,
+            model=job.model,
+            quality=job.quality,
+            attempts=job.attempts,
+        )
+
 
 class JobOut(BaseModel):
     id: uuid.UUID
@@ -148,13 +158,7 @@ class JobOut(BaseModel):
             updated_at=utc(job.updated_at),  # type: ignore[arg-type]
             finished_at=utc(job.finished_at),
             deliveries=job.deliveries,
-            served_by=ServedBy(
-                tier=job.tier,
-                backend=job.backend,
-                model=job.model,
-                quality=job.quality,
-                attempts=job.attempts,
-            ),
+            served_by=ServedBy.of(job),
             result=job.result,
             error=job.error,
             retry_after=utc(job.due_at) if job.status == "parked" else None,

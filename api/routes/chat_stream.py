@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.routes.jobs import load_job, wait_for_end
+from api.schemas import ServedBy
 from tierq import streams
 from tierq.models import Job, JobStatus
 
@@ -38,16 +39,6 @@ KEEPALIVE = b": keepalive\n\n"
 def _sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n".encode()
-
-
-def served_by(job: Job) -> dict[str, Any]:
-    return {
-        "tier": job.tier,
-        "backend": job.backend,
-        "model": job.model,
-        "quality": job.quality,
-        "attempts": job.attempts,
-    }
 
 
 class ChunkWriter:
@@ -92,7 +83,7 @@ class ChunkWriter:
         # Normally nothing is left; a delta lost on its way through Redis is made up here.
         rest = content[len(shown) :] if content.startswith(shown) else ""
         frames = [self.text(rest)] if rest or not self.started else []
-        tierq = {"job_id": str(job.id), "served_by": served_by(job)}
+        tierq = {"job_id": str(job.id), "served_by": ServedBy.of(job).model_dump()}
         frames.append(self.chunk({}, choice.get("finish_reason", "stop"), tierq=tierq))
         if self.include_usage and result.get("usage"):
             frames.append(self.chunk({}, usage=result["usage"]))
