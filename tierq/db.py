@@ -93,7 +93,3 @@ def transaction() -> Iterator[Connection]:
     """One transaction on a bare connection, for hot paths that need no ORM unit of work."""
     with get_engine().begin() as conn:
         yield conn
-
-
-def is_postgres(engine: Engine | None = None) -> bool:
-    return (engine or get_engine()).dialect.name == "postgresql"

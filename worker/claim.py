@@ -217,16 +217,6 @@ def in_flight(job: Any) -> Any:
     )
 
 
-def calls_in_flight(session: Session, backends: list[str]) -> dict[str, int]:
-    """Calls in flight per backend, across every worker."""
-    rows = session.execute(
-        select(Job.calling_backend, func.count())
-        .where(in_flight(Job), Job.calling_backend.in_(backends))
-        .group_by(Job.calling_backend)
-    ).all()
-    return {name: count for name, count in rows}
-
-
 def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
     """Take one of ``backend``'s ``cap`` call slots for this job, if one is free.
 
