@@ -384,11 +384,13 @@ def test_replay_reaches_the_configured_rate_however_small_the_backends() -> None
     parked = add_jobs(*({"status": "parked", "tier": "emergency"} for _ in range(40)))
     time.sleep(2.0)  # 40 jobs' worth of rate, but a stalled relay gets a second's worth
 
+    first_started = time.monotonic()
     assert relay.sweep()["replayed"] == 20, "rate x 1 s at most, not the 1 call in flight"
     time.sleep(0.5)
-    # then rate x the time since the last sweep (0.5 s, plus the first sweep's own work)
+    # then rate x the time since the last sweep: 0.5 s plus the sweeps' own work
     second = relay.sweep()["replayed"]
-    assert 10 <= second <= 13, second
+    most = min(20, int(20 * (time.monotonic() - first_started)) + 1)
+    assert 10 <= second <= most, (second, most)
     assert sum(job(job_id).status == "queued" for job_id in parked) == 20 + second
 
 
