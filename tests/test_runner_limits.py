@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from simulator.control import SimulatorControl
 from simulator.server import RunningSimulator
@@ -409,3 +410,29 @@ def test_a_just_recovered_lone_backend_gets_ramped_traffic(tmp_path: Path) -> No
         assert _max_in_flight_of(d, 4) == 1  # ramp at its floor: 0.1 x 4 rounds up to one
         _set_closed_at(d.database_url, 3600)  # the ramp is over: the full cap
         assert _max_in_flight_of(d, 4) > 1
+
+
+# --- a call preparation that raises -------------------------------------------------------
+
+
+def test_a_preparation_that_always_raises_ends_the_job_dead_not_republished_forever(
+    env: dict[str, str], primary: RunningSimulator, secondary: RunningSimulator
+) -> None:
+    """The claim shares its transaction with the call's preparation, so an exception there
+    rolls the claim back: nothing is left to expire, and without counting the job would be
+    republished forever. A row the worker cannot read (here a request that is not an
+    object, as a bad migration might leave) is counted like a lost lease, then dead."""
+    config, gpu, _ = two_tiers(primary.url, secondary.url)
+    job_id = queued_job(gpu)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(request=["not", "an", "object"]))
+    limit = get_settings().max_deliveries
+    for delivery in range(1, limit + 1):
+        with pytest.raises(ValueError):
+            runner(config).run(job_id, gpu)
+        job = job_row(job_id)
+        assert job.lost_leases == delivery and job.published_at is None
+    assert job.status == "dead" and "preparing its call failed" in (job.error or "")
+    assert events_of(job_id).count("claimed") == 0  # every claim rolled back with its failure
+    assert events_of(job_id)[-1] == "dead"
+    assert httpx.get(f"{primary.url}/_sim/stats").json()["total"] == 0

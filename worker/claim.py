@@ -178,6 +178,36 @@ def claim_and_load(
     return Lease(job_id, token, owner), job, time_left
 
 
+def preparation_failed(session: Session, job_id: uuid.UUID, limit: int, error: str) -> bool:
+    """The claim rolled back with a call preparation that raised, so no lease is left to
+    run out and the relay would republish the job forever. Count it as a lost lease (dead at
+    ``limit``, like a worker that dies on the job every time) and have the relay publish it
+    again at once. True if the job is now dead."""
+    lost = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(lost_leases=Job.lost_leases + 1, published_at=None, updated_at=db_now())
+        .returning(Job.lost_leases)
+    )
+    if lost is None:
+        return False
+    if lost < limit:
+        record_event(session, job_id, "requeued", reason=f"preparing the call failed: {error}")
+        return False
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.DEAD,
+            finished_at=db_now(),
+            error=f"poison job: preparing its call failed {limit} times; last: {error}",
+        )
+    )
+    record_event(session, job_id, "dead", reason="poison job")
+    notify_job_changed(session, job_id)
+    return True
+
+
 def renew(session: Session, lease: Lease, seconds: float) -> bool:
     renewed = session.scalar(_RENEW, {**_lease_params(lease), "p_seconds": seconds})
     return renewed is not None

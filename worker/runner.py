@@ -145,21 +145,27 @@ class JobRunner:
         # One transaction claims the job and prepares its call (the call slot, the `calling`
         # event): both are committed before the call starts, and each transaction costs a
         # pool check-out with its ping, a BEGIN and a COMMIT.
-        with session_scope() as session:
-            claimed = claim.claim_and_load(
-                session, job_id, tier_name, self.worker, self.settings.lease_seconds
-            )
-            if claimed is None:
-                log.info(
-                    "job %s: not claimable on %s (duplicate or moved on); dropped",
-                    job_id,
-                    tier_name,
+        claimed = None
+        try:
+            with session_scope() as session:
+                claimed = claim.claim_and_load(
+                    session, job_id, tier_name, self.worker, self.settings.lease_seconds
                 )
-                return
-            lease, job, time_left = claimed
-            # Claimed and nothing else done; dying here rolls the claim back with the rest.
-            crash_point("worker.after_claim")
-            prepared = self._prepare(session, lease, job, time_left, tier)
+                if claimed is None:
+                    log.info(
+                        "job %s: not claimable on %s (duplicate or moved on); dropped",
+                        job_id,
+                        tier_name,
+                    )
+                    return
+                lease, job, time_left = claimed
+                # Claimed and nothing else done; dying here rolls the claim back with the rest.
+                crash_point("worker.after_claim")
+                prepared = self._prepare(session, lease, job, time_left, tier)
+        except Exception as exc:
+            if claimed is not None:
+                self._preparation_failed(job_id, exc)
+            raise
         if isinstance(prepared, _Prepared):
             with kept_alive(lease, self.settings.lease_seconds):
                 publish_to = self._call_and_record(lease, tier, prepared)
@@ -167,6 +173,16 @@ class JobRunner:
             publish_to = prepared
         if publish_to:
             broker.publish(job_id, publish_to)
+
+    def _preparation_failed(self, job_id: uuid.UUID, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        try:
+            with session_scope() as session:
+                limit = self.settings.max_deliveries
+                if claim.preparation_failed(session, job_id, limit, reason):
+                    log.error("job %s is dead: preparing its call failed %d times", job_id, limit)
+        except Exception as counting:  # the database may be what failed: try again next time
+            log.warning("job %s: could not count the failure: %s", job_id, counting)
 
     def _turns(self, session: Session, job: Job) -> list[Turn]:
         """The conversation so far."""
