@@ -9,6 +9,7 @@ once per transaction, the first time with its event's insert in the same stateme
 from __future__ import annotations
 
 import uuid
+from functools import cache
 from typing import Any
 
 from sqlalchemy import bindparam, insert, text
@@ -22,6 +23,7 @@ _NOTIFIED = "tierq_notified"  # session.info: (transaction, job ids it has annou
 _NOTIFY = text("SELECT pg_notify(:channel, :id)")
 
 
+@cache
 def _event_statements() -> tuple[Any, Any]:
     """The event insert, and the same insert with the job's NOTIFY in one statement. Built
     once: building a statement costs more Python time than running it."""
@@ -44,16 +46,6 @@ def _event_statements() -> tuple[Any, Any]:
         bindparam("detail", type_=columns.detail.type),
     )
     return plain, notifying
-
-
-_statements: tuple[Any, Any] | None = None
-
-
-def _statements_once() -> tuple[Any, Any]:
-    global _statements
-    if _statements is None:
-        _statements = _event_statements()
-    return _statements
 
 
 def _announced(session: Session) -> tuple[SessionTransaction, set[str]] | None:
@@ -92,7 +84,7 @@ def notify_job_changed(session: Session, job_id: uuid.UUID | str) -> None:
 
 def record_event(session: Session, job_id: uuid.UUID | str, kind: str, **detail: Any) -> None:
     """Append to the job's event log, in the caller's transaction (so never a phantom)."""
-    plain, notifying = _statements_once()
+    plain, notifying = _event_statements()
     params: dict[str, Any] = {"job_id": uuid.UUID(str(job_id)), "kind": kind, "detail": detail}
     # Live watchers (SSE, long-polls) wake on every event, not only on the end.
     if _needs_notify(session, str(job_id)):

@@ -37,6 +37,17 @@ def _param(name: str, column: str) -> Any:
     return bindparam(name, type_=_jobs.c[column].type)
 
 
+def in_flight(job: Any) -> Any:
+    """``job`` (the Job entity, or a table's columns) is a call in flight: running under a
+    lease that has not run out (database clock), so a worker that died mid-call stops
+    counting when its lease expires."""
+    return (
+        job.calling_backend.is_not(None)
+        & (job.status == JobStatus.RUNNING)
+        & (job.lease_expires_at > db_now())
+    )
+
+
 _SECONDS = bindparam("p_seconds", type_=Float())
 _IS_LEASE = and_(
     _jobs.c.id == _param("p_job", "id"),
@@ -61,7 +72,6 @@ _CLAIM_UPDATE = (
         updated_at=db_now(),
     )
 )
-_CLAIM = _CLAIM_UPDATE.returning(_jobs.c.id)
 # The claimed row itself, as the ORM's Job: the claim and the job's read in one statement.
 _CLAIM_JOB = select(Job).from_statement(_CLAIM_UPDATE.returning(*_jobs.c))
 _RENEW = (
@@ -81,9 +91,7 @@ _START_CALL = (
         _HOLDS_LEASE,
         select(func.count())
         .where(
-            _other.c.calling_backend.is_not(None),
-            _other.c.status == JobStatus.RUNNING,
-            _other.c.lease_expires_at > db_now(),
+            in_flight(_other.c),
             _other.c.calling_backend == _param("p_backend", "calling_backend"),
             _other.c.id != _param("p_job", "id"),
         )
@@ -150,12 +158,8 @@ def claim(
 
     None means the message was a duplicate, stale (the job moved on) or early (blocked).
     """
-    token = uuid.uuid4()
-    claimed = session.scalar(_CLAIM, _claim_params(job_id, tier, owner, seconds, token))
-    if not claimed:
-        return None
-    record_event(session, job_id, "claimed", worker=owner, tier=tier)
-    return Lease(job_id, token, owner)
+    claimed = claim_and_load(session, job_id, tier, owner, seconds)
+    return claimed[0] if claimed else None
 
 
 def claim_and_load(
@@ -234,17 +238,6 @@ def _release(session: Session, lease: Lease, **values: Any) -> bool:
         .returning(Job.id)
     )
     return done is not None
-
-
-def in_flight(job: Any) -> Any:
-    """``job`` (the Job entity or an alias) is a call in flight: running under a lease that
-    has not run out (database clock), so a worker that died mid-call stops counting when its
-    lease expires."""
-    return (
-        job.calling_backend.is_not(None)
-        & (job.status == JobStatus.RUNNING)
-        & (job.lease_expires_at > db_now())
-    )
 
 
 def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
