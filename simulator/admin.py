@@ -4,7 +4,8 @@ GET /_sim/state     the instance's name and current faults (count = faulted requ
 PUT /_sim/faults    replace the faults (absent fields take their defaults); 422 if invalid
 PATCH /_sim/faults  change only the fields given
 POST /_sim/reset    back to the initial faults, counters zeroed
-GET /_sim/stats     requests received per endpoint and in total, faults served, concurrency
+GET /_sim/stats     requests received per endpoint and in total, faults served, concurrency,
+                    and requests aborted (the client went away before the whole answer)
 POST /_sim/stats/reset  counters and request log zeroed, faults kept
 GET /_sim/requests  the latest requests received, oldest first: endpoint, wall-clock time,
                     the fault served and the JSON body (what a client really sent)

@@ -19,6 +19,8 @@ from simulator.asgi import (
     Reply,
     Scope,
     Send,
+    Watch,
+    forever,
     header,
     json_reply,
     read_body,
@@ -26,7 +28,6 @@ from simulator.asgi import (
     send_chunk,
     send_reply,
     start_stream,
-    wait_disconnect,
 )
 from simulator.faults import FaultSettings, FaultState, Mode, Stats, faults_from_env
 from simulator.wire import Streamer, Wire, WireError
@@ -106,33 +107,41 @@ class SimulatorApp:
         wire = self.wires[route.protocol or _protocol_by_headers(scope)]
         mode = self.faults.draw(route.is_chat)
         self.stats.logged(route.endpoint, body, mode)
+        watch = Watch(receive)
+        answer = self._answer(route, wire, mode, body, watch, send)
         self.stats.enter()
         try:
-            await self._answer(route, wire, mode, body, receive, send)
+            if not self._takes_time(mode):
+                await answer  # sent at once: nothing to stop, and no watch to pay for
+            elif await watch.run(answer):
+                self.stats.abort()
         finally:
             self.stats.leave()
 
+    def _takes_time(self, mode: Mode) -> bool:
+        settings = self.faults.settings
+        waits = mode in (Mode.HANG, Mode.RESET)
+        return waits or bool(settings.latency_ms or settings.tokens_per_second)
+
     async def _answer(
-        self, route: Route, wire: Wire, mode: Mode, body: bytes, receive: Receive, send: Send
+        self, route: Route, wire: Wire, mode: Mode, body: bytes, watch: Watch, send: Send
     ) -> None:
         settings = self.faults.settings
         if settings.latency_ms:
             await asyncio.sleep(settings.latency_ms / 1000)
         if mode is not Mode.OK:
             self.stats.faulted(mode)
-            await self._fault(mode, wire, body, receive, send)
+            await self._fault(mode, wire, body, watch, send)
         elif route.info is not None:
             await send_reply(send, route.info(wire))
         else:
             await self._chat(wire, body, send)
 
-    async def _fault(
-        self, mode: Mode, wire: Wire, body: bytes, receive: Receive, send: Send
-    ) -> None:
+    async def _fault(self, mode: Mode, wire: Wire, body: bytes, watch: Watch, send: Send) -> None:
         if mode is Mode.RESET:
-            await reset_connection(send, receive)
+            await reset_connection(send, watch)
         elif mode is Mode.HANG:
-            await wait_disconnect(receive)
+            await forever()
         else:
             await send_reply(send, self._fault_reply(mode, wire, body))
 

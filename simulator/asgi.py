@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def reset_connection(send: Send, receive: Receive) -> None:
+async def reset_connection(send: Send, watch: Watch) -> None:
     """Close the client's TCP connection with a RST and no HTTP response.
 
     ASGI has no way to say "drop this connection", so this reaches the transport through
@@ -94,6 +95,48 @@ async def reset_connection(send: Send, receive: Receive) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    watch.dropping = True
     transport.abort()
-    # Return only once the server has seen the connection go, or it would try a 500.
-    await wait_disconnect(receive)
+    # Return only once the server has seen the connection go, or it would try a 500: the
+    # watch cancels this wait when the disconnect arrives.
+    await forever()
+
+
+class Watch:
+    """The connection of one request, watched while it is answered.
+
+    A real server (vLLM, Ollama) stops generating when its client goes away; so does the
+    simulator: ``run`` cancels the answer as soon as ``receive()`` says ``http.disconnect``.
+    The request body must have been read already: from then on only the watch reads
+    ``receive()``.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.dropping = False  # the simulator drops the connection itself (the reset fault)
+
+    async def run(self, answer: Coroutine[Any, Any, None]) -> bool:
+        """Answer; True if the client went away before the answer was complete."""
+        answering = asyncio.ensure_future(answer)
+        watching = asyncio.ensure_future(wait_disconnect(self._receive))
+        try:
+            await asyncio.wait((answering, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watching.done() and not watching.cancelled():
+                watching.exception()  # a failed receive() ends the watch, nothing more
+            watching.cancel()
+            # uvicorn's receive() also says http.disconnect once the response is complete,
+            # so an answer that is done has won over a disconnect seen at the same time.
+            gone = not answering.done()
+            if gone:
+                answering.cancel()
+                await asyncio.wait((answering,))
+        if gone:
+            return not self.dropping
+        answering.result()  # an answer that failed fails the request, as it would unwatched
+        return False
+
+
+async def forever() -> None:
+    """Wait until cancelled: the hang fault, which a Watch ends when the client gives up."""
+    await asyncio.get_running_loop().create_future()

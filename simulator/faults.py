@@ -142,13 +142,14 @@ class Received:
 
 class Stats:
     """Requests received per endpoint (admin calls excluded), faults served, concurrency,
-    and a log of the latest requests with their bodies."""
+    requests the client gave up on, and a log of the latest requests with their bodies."""
 
     def __init__(self) -> None:
         self.endpoints: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.aborted = 0  # closed by the client before the whole answer was sent
         self.log: deque[Received] = deque(maxlen=REQUEST_LOG_SIZE)
         self._seq = 0
 
@@ -169,11 +170,15 @@ class Stats:
     def leave(self) -> None:
         self.in_flight -= 1
 
+    def abort(self) -> None:
+        self.aborted += 1
+
     def reset(self) -> None:
         """Counters and log back to zero; requests still open keep counting as in flight."""
         self.endpoints.clear()
         self.faults.clear()
         self.log.clear()
+        self.aborted = 0
         self.max_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
@@ -183,6 +188,7 @@ class Stats:
             "faults": dict(self.faults),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "aborted": self.aborted,
         }
 
     def requests(self) -> list[dict[str, Any]]:

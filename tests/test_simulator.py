@@ -438,3 +438,66 @@ def test_max_in_flight_counts_concurrent_requests(base_url: str, control: Simula
     control.reset_stats()
     httpx.post(url, json={"model": "m", "messages": CHAT})
     assert control.stats()["max_in_flight"] == 1
+
+
+# -- requests the client gives up on ----------------------------------------------------
+def _stats_within(control: SimulatorControl, seconds: float, **expected: int) -> dict[str, Any]:
+    """The stats once they show ``expected``; fails if they do not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        stats = control.stats()
+        if all(stats[k] == v for k, v in expected.items()) or time.monotonic() > deadline:
+            assert {k: stats[k] for k in expected} == expected
+            return stats
+        time.sleep(0.02)
+
+
+def test_a_plain_answer_stops_when_the_client_goes_away(
+    base_url: str, control: SimulatorControl
+) -> None:
+    control.set_faults(latency_ms=5000)
+    with pytest.raises(httpx.ReadTimeout):  # httpx closes the connection on a timeout
+        httpx.post(
+            f"{base_url}/v1/chat/completions",
+            json={"model": "m", "messages": CHAT},
+            timeout=httpx.Timeout(5, read=0.3),
+        )
+    # Long before the 5 s of "generating" are over: the simulator noticed at once.
+    stats = _stats_within(control, 1.0, aborted=1, in_flight=0)
+    assert stats["endpoints"] == {"POST /v1/chat/completions": 1}
+
+
+def test_a_stream_stops_when_the_client_goes_away(base_url: str, control: SimulatorControl) -> None:
+    control.set_faults(tokens_per_second=2)
+    body = OLLAMA_BODY | {"messages": [{"role": "user", "content": "one two three four five"}]}
+    with httpx.stream("POST", f"{base_url}/api/chat", json=body) as response:
+        lines = response.iter_lines()
+        first = json.loads(next(lines))  # the stream has begun: one word, then a pause
+        assert first["done"] is False
+        assert control.stats()["in_flight"] == 1
+    _stats_within(control, 1.0, aborted=1, in_flight=0)  # leaving the block closed it
+
+
+def test_finished_and_dropped_requests_are_not_aborted(
+    base_url: str, control: SimulatorControl
+) -> None:
+    control.set_faults(latency_ms=20, tokens_per_second=500)
+    url = f"{base_url}/v1/chat/completions"
+    assert httpx.post(url, json={"model": "m", "messages": CHAT}).status_code == 200
+    with httpx.stream("POST", url, json={"model": "m", "messages": CHAT, "stream": True}) as r:
+        assert r.read().endswith(b"data: [DONE]\n\n")
+    control.patch_faults(mode="reset")  # the simulator closes it, not the client
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        httpx.post(url, json={"model": "m", "messages": CHAT})
+    stats = _stats_within(control, 1.0, in_flight=0)
+    assert (stats["aborted"], stats["total"]) == (0, 3)
+
+
+def test_hang_counts_the_client_giving_up_and_stats_reset_zeroes_it(
+    base_url: str, control: SimulatorControl
+) -> None:
+    control.set_faults(mode="hang")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{base_url}/api/tags", timeout=httpx.Timeout(2, read=0.2))
+    _stats_within(control, 1.0, aborted=1, in_flight=0)
+    assert control.reset_stats()["aborted"] == 0
