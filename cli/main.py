@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import click
 
 from cli.client import client_commands
 from cli.operate import operator_commands
-from tierq.config import ConfigError, load_config
+from tierq.config import ConfigError, TierqConfig, load_config
 from tierq.settings import get_settings
+
+# Webhook deliveries in flight per webhooks worker (receivers are slow, not batched).
+WEBHOOK_DELIVERIES = 8
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,14 +58,20 @@ def api(host: str | None, port: int | None, workers: int, keep_alive: int) -> No
 @main.command()
 @click.option("--tier", required=True, help="The tier whose queue this worker consumes.")
 @click.option(
-    "--concurrency",
-    type=int,
-    default=2,
-    show_default=True,
-    help="Pool processes (parallel backend calls).",
+    "--calls",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Backend calls this worker keeps in flight at once [default: the sum of the "
+    "tier's backends' max_concurrency, so one worker fills every backend's batch].",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="This worker's name, unique among running workers [default: TIER-<random>@HOST]; "
+    "it owns the leases it hands back when it stops.",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(tier: str, concurrency: int, loglevel: str) -> None:
+def worker(tier: str, calls: int | None, name: str | None, loglevel: str) -> None:
     """Run a Celery worker for one tier (e.g. --tier gpu on a GPU box)."""
     settings = get_settings()
     config = _config_or_exit(settings.config)
@@ -80,13 +90,24 @@ def worker(tier: str, concurrency: int, loglevel: str) -> None:
             "-Q",
             tier,
             "-n",
-            f"{tier}@%h",
-            f"--concurrency={concurrency}",
+            name or f"{tier}-{uuid.uuid4().hex[:8]}@%h",
+            # Threads, not processes: a job's thread waits on its call, which runs on the
+            # process's event loop; each in-flight call costs a thread's stack, not a process.
+            "--pool=threads",
+            f"--concurrency={calls or default_calls(config, tier)}",
             f"--loglevel={loglevel}",
             "--without-gossip",
             "--without-mingle",
         ]
     )
+
+
+def default_calls(config: TierqConfig, tier: str) -> int:
+    """As many calls as the tier's backends take at once (their caps are counted across all
+    workers in the database, so a second worker of the tier never oversubscribes them)."""
+    if tier == "webhooks":
+        return WEBHOOK_DELIVERIES
+    return sum(b.max_concurrency for b in config.tier(tier).backends)
 
 
 @main.command()
@@ -230,13 +251,16 @@ def _config_or_exit(path: Path | None):  # type: ignore[no-untyped-def]
 @main.command()
 @click.option("--port", type=int, default=8000, show_default=True, help="API port.")
 @click.option(
-    "--concurrency", type=int, default=2, show_default=True, help="Pool processes per tier worker."
+    "--calls",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Backend calls in flight per tier worker [default: the tier's total max_concurrency].",
 )
-def up(port: int, concurrency: int) -> None:
+def up(port: int, calls: int | None) -> None:
     """Start everything on this machine: API, one worker per tier, beat, simulators."""
     from cli.up import run_all
 
-    run_all(port, concurrency)
+    run_all(port, calls)
 
 
 for command in [*client_commands, *operator_commands]:

@@ -23,25 +23,42 @@ def backends_list() -> None:
             d = operations.describe(row)
             click.echo(
                 f"{d['name']:24} {d['tier']:10} health={d['health']:9} "
-                f"circuit={d['circuit']:9} {'DISABLED' if d['disabled'] else ''}"
+                f"circuit={d['circuit']:9} {_switch_state(d)}"
             )
 
 
-def _switch(name: str, disabled: bool) -> None:
+def _switch_state(described: dict[str, object]) -> str:
+    if described["retired"]:
+        return "DISABLED (retired now)"
+    return "DISABLED" if described["disabled"] else ""
+
+
+def _switch(name: str, disabled: bool, now: bool = False) -> None:
     config = load_config(get_settings().config)
     try:
         with session_scope() as session:
-            operations.set_disabled(session, config, name, disabled)
+            operations.set_disabled(session, config, name, disabled, now)
     except operations.UnknownBackend as exc:
         raise click.ClickException(f"no backend '{name}' in the tier configuration") from exc
-    click.echo(f"{name} {'disabled: no new call goes to it' if disabled else 'enabled'}")
+    if not disabled:
+        click.echo(f"{name} enabled")
+    elif now:
+        click.echo(f"{name} retired: its calls in flight are aborted and rerouted")
+    else:
+        click.echo(f"{name} disabled: no new call goes to it")
 
 
 @backends.command("disable")
 @click.argument("name")
-def backends_disable(name: str) -> None:
-    """Stop sending calls to NAME now (e.g. retire a model); queued jobs route elsewhere."""
-    _switch(name, True)
+@click.option(
+    "--now",
+    is_flag=True,
+    help="Also abort its calls in flight (rerouted to the next live backend or tier) and "
+    "stop serving cached answers it produced: a model that must be retired at once.",
+)
+def backends_disable(name: str, now: bool) -> None:
+    """Stop sending calls to NAME; queued jobs route elsewhere, calls in flight finish."""
+    _switch(name, True, now)
 
 
 @backends.command("enable")

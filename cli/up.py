@@ -37,18 +37,18 @@ def _spawn(name: str, args: list[str], logs: Path) -> Child:
     return name, process
 
 
-def _children(config: TierqConfig, port: int, concurrency: int, logs: Path) -> list[Child]:
+def _children(config: TierqConfig, port: int, calls: int | None, logs: Path) -> list[Child]:
     children = [
         _spawn("simulator", ["simulate"], logs),
         _spawn("beat", ["beat"], logs),
         _spawn("api", ["api", "--port", str(port)], logs),
     ]
     for tier in config.tier_names:
-        args = ["worker", "--tier", tier, "--concurrency", str(concurrency)]
+        args = ["worker", "--tier", tier, *(["--calls", str(calls)] if calls else [])]
         children.append(_spawn(f"worker-{tier}", args, logs))
     # Webhook deliveries have a queue and worker of their own: a slow receiver never
     # holds up a job.
-    args = ["worker", "--tier", "webhooks", "--concurrency", str(concurrency)]
+    args = ["worker", "--tier", "webhooks"]
     children.append(_spawn("worker-webhooks", args, logs))
     return children
 
@@ -119,7 +119,7 @@ Try:  export TIERQ_KEY={key}
 Ctrl-C stops everything."""
 
 
-def run_all(port: int, concurrency: int) -> None:
+def run_all(port: int, calls: int | None) -> None:
     settings = get_settings()
     logs = (settings.home / "logs").resolve()
     logs.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def run_all(port: int, concurrency: int) -> None:
     url = f"http://127.0.0.1:{port}"
     children: list[Child] = []
     try:
-        children = _children(config, port, concurrency, logs)
+        children = _children(config, port, calls, logs)
         _wait_ready(url, children)
         click.echo(_banner(settings, config, url, key, logs))
         while all(process.poll() is None for _, process in children):

@@ -93,10 +93,14 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def worker(self, tier: str, concurrency: int = 2, **env: str) -> Process:
-        process = self.spawn(
-            f"worker-{tier}", "worker", "--tier", tier, "--concurrency", str(concurrency), **env
-        )
+    def worker(
+        self, tier: str, calls: int | None = None, name: str | None = None, **env: str
+    ) -> Process:
+        """A worker of ``tier`` keeping ``calls`` backend calls in flight (default: the
+        tier's total max_concurrency), named ``name`` (default: unique)."""
+        args = ["--calls", str(calls)] if calls else []
+        args += ["--name", name] if name else []
+        process = self.spawn(f"worker-{tier}", "worker", "--tier", tier, *args, **env)
         wait_until(
             lambda: "ready." in process.output() or not process.alive(),
             40,

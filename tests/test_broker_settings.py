@@ -172,13 +172,13 @@ def test_sigterm_mid_job_hands_the_job_to_another_worker(tmp_path: Path) -> None
     ) as d:
         d.stack.api()
         d.stack.relay()
-        stopping = d.stack.worker("gpu", concurrency=1)
+        stopping = d.stack.worker("gpu", calls=1)
         d.fault("gpu-sim", latency_ms=int(call * 1000))
         with d.client() as client:
             job_id = d.submit(client).json()["id"]
         wait_until(lambda: d.calls("gpu-sim") == 1, 10, what="the call to start")
         d.fault("gpu-sim", latency_ms=0)  # the call in flight keeps its latency
-        d.stack.worker("gpu", concurrency=1)
+        d.stack.worker("gpu", calls=1)
         stopped_at = time.monotonic()
         os.kill(stopping.popen.pid, signal.SIGTERM)
         stopping.popen.wait(soft + 20)

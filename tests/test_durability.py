@@ -122,7 +122,7 @@ def shared_deployment(
     with deployment(folder, request.param, config=_shared_config) as d:
         d.stack.api()
         d.stack.relay()
-        worker = d.stack.worker("gpu", concurrency=2, TIERQ_CRASH_AT=POISON_CRASH)
+        worker = d.stack.worker("gpu", calls=2, TIERQ_CRASH_AT=POISON_CRASH)
         yield Shared(d, worker)
 
 
@@ -258,7 +258,7 @@ def test_pool_child_killed_mid_call(tmp_path: Path, mode: str) -> None:
     with deployment(tmp_path, mode) as d:
         d.stack.api()
         d.stack.relay()
-        worker = d.stack.worker("gpu", concurrency=2)
+        worker = d.stack.worker("gpu", calls=2)
         d.fault("gpu-sim", latency_ms=2500)
         with d.client() as client:
             for i in range(8):
@@ -278,7 +278,7 @@ def test_whole_worker_killed_recovers_before_visibility_timeout(tmp_path: Path, 
     with deployment(tmp_path, mode) as d:
         d.stack.api()
         d.stack.relay()
-        first = d.stack.worker("gpu", concurrency=2)
+        first = d.stack.worker("gpu", calls=2)
         d.fault("gpu-sim", latency_ms=2000)
         with d.client() as client:
             for i in range(10):
@@ -287,7 +287,7 @@ def test_whole_worker_killed_recovers_before_visibility_timeout(tmp_path: Path, 
         killed_at = time.monotonic()
         first.kill_group(signal.SIGKILL)
         d.fault("gpu-sim", latency_ms=100)
-        d.stack.worker("gpu", concurrency=2)
+        d.stack.worker("gpu", calls=2)
         assert_kept_promise(d, timeout=60)
         # The broker's visibility timeout is 3600 s: the lease, not Redis, brought them back.
         assert time.monotonic() - killed_at < 60
@@ -307,7 +307,7 @@ def test_broker_flushed_with_100_jobs_queued(tmp_path: Path, mode: str) -> None:
     with deployment(tmp_path, mode, env=NO_EARLY_REPUBLISH) as d:
         d.stack.api()
         relay = d.stack.relay()
-        d.stack.worker("gpu", concurrency=2)  # running through the flush: it must keep consuming
+        d.stack.worker("gpu", calls=2)  # running through the flush: it must keep consuming
         d.fault("gpu-sim", latency_ms=1000)
         with d.client() as client:
             for i in range(100):
@@ -394,7 +394,7 @@ def test_worker_dies_between_the_answer_and_its_commit(tmp_path: Path, point: st
     with deployment(tmp_path, env={"TIERQ_LEASE_SECONDS": "6"}) as d:
         d.stack.api()
         d.stack.relay()
-        crashing = d.stack.worker("gpu", concurrency=1, TIERQ_CRASH_AT=point)
+        crashing = d.stack.worker("gpu", calls=1, TIERQ_CRASH_AT=point)
         with d.client() as client:
             victim = d.submit(client, "the victim").json()["id"]
         wait_until(
@@ -407,7 +407,7 @@ def test_worker_dies_between_the_answer_and_its_commit(tmp_path: Path, point: st
         # The answer died with the worker, and so did its turn (the ledger would see it).
         assert job["status"] == "running" and job["result"] is None, job
         assert d.ledger().mismatched == 0
-        d.stack.worker("gpu", concurrency=2)
+        d.stack.worker("gpu", calls=2)
         with d.client() as client:
             for i in range(3):
                 d.submit(client, f"job {i}")

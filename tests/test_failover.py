@@ -304,8 +304,8 @@ def test_breaker_opens_half_opens_and_closes_across_two_workers(tmp_path: Path) 
     with deployment(tmp_path, config=breaker_config) as d:
         d.stack.api()
         d.stack.relay()
-        d.stack.worker("gpu", concurrency=1)
-        d.stack.worker("gpu", concurrency=1)
+        d.stack.worker("gpu", calls=1)
+        d.stack.worker("gpu", calls=1)
         d.stack.worker("cpu")
         gpu = sim(d, "gpu-sim")
 

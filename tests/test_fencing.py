@@ -25,13 +25,14 @@ from sqlalchemy.exc import IntegrityError
 from tests.conftest import _reset_caches
 from tests.deployment import deployment
 from tests.services import RedisServer, wait_until
+from tierq import leases as claim
+from tierq import transitions
 from tierq.config import load_config
 from tierq.db import db_now, get_engine, session_scope
 from tierq.keys import create_key
 from tierq.migrate import upgrade
 from tierq.models import Conversation, Job, JobStatus, Turn
 from tierq.settings import get_settings
-from worker import claim
 from worker.relay import Relay
 
 TIER = "gpu"
@@ -100,7 +101,7 @@ def _claim(job_id: uuid.UUID, owner: str, seconds: float) -> claim.Lease | None:
 def _succeed(lease: claim.Lease, content: str) -> bool:
     with session_scope() as session:
         job = session.get_one(Job, lease.job_id)
-        return claim.succeed(
+        return transitions.succeed(
             session, lease, job, _answer(content), backend="b", model="m", quality="full"
         )
 
@@ -150,9 +151,9 @@ def test_a_worker_that_lost_its_lease_cannot_write_its_answer(job_id: uuid.UUID)
         assert not claim.renew(session, stale, 30)
     assert not _succeed(stale, "stale answer")
     with session_scope() as session:
-        assert not claim.end(session, stale, JobStatus.FAILED, "stale failure")
-        assert not claim.retry_later(session, stale, 1, "stale retry")
-        assert not claim.escalate(session, stale, TIER, "cpu", "stale escalation")
+        assert not transitions.fail(session, stale, "stale failure")
+        assert not transitions.retry_later(session, stale, 1, "stale retry")
+        assert not transitions.escalate(session, stale, TIER, "cpu", "stale escalation")
     job = _job(job_id)
     assert (job.status, job.lease_token, job.result) == ("running", current.token, None)
     assert _answer_turns(job_id) == []
@@ -246,23 +247,27 @@ def test_a_stalled_worker_that_wakes_after_its_lease_writes_nothing(tmp_path: Pa
     with deployment(tmp_path, simulators=("gpu-sim", "cpu-sim")) as d:
         d.stack.api()
         d.stack.relay()
-        stalling = d.stack.worker("gpu", concurrency=1)
+        stalling = d.stack.worker("gpu", calls=1)
         d.fault("gpu-sim", latency_ms=1000)
         with d.client() as client:
             job_id = d.submit(client, "stall me").json()["id"]
         wait_until(lambda: d.calls("gpu-sim") == 1, 10, what="the call to start")
-        child = stalling.pool_children()[0]
+        child = stalling.popen.pid
         os.kill(child, signal.SIGSTOP)  # a GC pause, a frozen VM: its lease keeper stops too
         try:
             d.fault("gpu-sim", latency_ms=0)
-            d.stack.worker("gpu", concurrency=1)
+            d.stack.worker("gpu", calls=1)
             answered = d.wait_finished(30)
             before = d.job(job_id)
         finally:
             os.kill(child, signal.SIGCONT)
-        # It wakes with the backend's answer in hand and tries to save it.
+        # It wakes with the backend's answer in hand and tries to save it, or its lease
+        # keeper sees first that the lease is gone and stops the call.
         wait_until(
-            lambda: "lease lost before the answer was saved" in stalling.output(),
+            lambda: any(
+                seen in stalling.output()
+                for seen in ("lease lost before the answer was saved", "call stopped (lost)")
+            ),
             20,
             what="the stalled worker to try its write",
         )

@@ -1,6 +1,6 @@
 """Routing inside a tier and the retry timing, against the real database where their state
 lives: concurrency caps counted across workers, the slow-start ramp, health preference,
-race-safe slot taking; backoff bounds."""
+race-safe slot taking."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import threading
 import uuid
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
+from tierq import leases as claim
 from tierq.config import TierConfig, TierqConfig, parse_config
 from tierq.db import db_now, session_scope
 from tierq.models import Backend, Conversation, Job, Turn
-from worker import claim, routing
-from worker.runner import FULL_TIER_MIN_DELAY, backoff, full_tier_delay
+from worker import routing
 
 # --- building jobs and tiers the way the API and the configuration would ---------------
 
@@ -248,30 +247,3 @@ def test_healthy_backends_come_before_degraded_ones(env: dict[str, str]) -> None
     first, second = leases(tier, 2)
     assert choose(config, tier, first).backend.name == healthy
     assert choose(config, tier, second).backend.name == degraded  # better than waiting
-
-
-# --- retry timing ----------------------------------------------------------------------
-
-
-def test_backoff_honours_a_retry_after_within_max_delay() -> None:
-    tier = tier_only(backend_doc("x"), retry={"base_delay": 0.1, "max_delay": 5})
-    for tries in range(1, 6):
-        delay = backoff(tier, tries, None)
-        assert delay is not None and 0 <= delay <= min(5, 0.1 * 2 ** (tries - 1))
-    assert backoff(tier, 1, 4.0) == pytest.approx(4.0)
-    assert backoff(tier, 1, 5.0) == pytest.approx(5.0)
-
-
-def test_backoff_refuses_a_retry_after_beyond_max_delay() -> None:
-    tier = tier_only(backend_doc("x"), retry={"base_delay": 0.1, "max_delay": 5})
-    assert backoff(tier, 1, 5.01) is None
-    assert backoff(tier, 1, 3600) is None
-
-
-def test_waiting_for_a_slot_is_short_and_spread() -> None:
-    tier = tier_only(backend_doc("x"), retry={"base_delay": 0.5, "max_delay": 30})
-    delays = [full_tier_delay(tier) for _ in range(50)]
-    assert all(0.5 <= d <= 1.0 for d in delays)
-    assert len(set(delays)) > 1
-    tight = tier_only(backend_doc("y"), retry={"base_delay": 0, "max_delay": 0})
-    assert all(0 < full_tier_delay(tight) <= FULL_TIER_MIN_DELAY for _ in range(20))

@@ -5,6 +5,7 @@ concurrency cap is also shown end to end with real worker processes."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from tierq.config import TierqConfig
 from tierq.db import db_now, session_scope
 from tierq.models import Attempt, Backend, Job, JobEvent
 from tierq.settings import get_settings
+from worker.calls import Calls
 from worker.runner import JobRunner
 
 
@@ -77,8 +79,13 @@ def two_tiers(
     return config, gpu, cpu
 
 
+@functools.cache
+def _calls() -> Calls:
+    return Calls()  # one call loop for the test process, as a worker process has
+
+
 def runner(config: TierqConfig) -> JobRunner:
-    return JobRunner(config, get_settings(), f"test-{uuid.uuid4().hex[:6]}")
+    return JobRunner(config, get_settings(), f"test-{uuid.uuid4().hex[:6]}", _calls())
 
 
 def job_row(job_id: uuid.UUID) -> Job:
@@ -320,7 +327,7 @@ def test_a_backend_never_gets_more_calls_than_its_cap(tmp_path: Path) -> None:
     with deployment(tmp_path, config=one_slow_backend) as d:
         d.stack.api()
         d.stack.relay()
-        d.stack.worker("gpu", concurrency=4)
+        d.stack.worker("gpu", calls=4)
         d.stack.worker("cpu")
         d.fault("gpu-sim", latency_ms=600)
         with d.client() as client:
@@ -405,7 +412,7 @@ def test_a_just_recovered_lone_backend_gets_ramped_traffic(tmp_path: Path) -> No
     with deployment(tmp_path, config=ramped_backend, simulators=("gpu-sim",)) as d:
         d.stack.api()
         d.stack.relay()  # makes the backend rows
-        d.stack.worker("gpu", concurrency=4)
+        d.stack.worker("gpu", calls=4)
         wait_until(lambda: _try_set_closed_at(d.database_url, 0), 20, 0.2, what="backend row")
         assert _max_in_flight_of(d, 4) == 1  # ramp at its floor: 0.1 x 4 rounds up to one
         _set_closed_at(d.database_url, 3600)  # the ramp is over: the full cap

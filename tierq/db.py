@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, create_engine, event
+from sqlalchemy import Connection, DateTime, Dialect, Engine, TypeDecorator, create_engine, event
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement
@@ -19,10 +20,41 @@ from sqlalchemy.sql.expression import FunctionElement
 from tierq.settings import get_settings
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, always an aware UTC datetime in Python, on every database.
+
+    Postgres stores ``timestamptz``; SQLite has no time type and stores UTC text, which
+    comes back naive (or as text, from an expression such as ``db_now()``). One type
+    normalizes both ways, so no caller ever compares a naive time with an aware one.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        utc = aware.astimezone(UTC)
+        return utc if dialect.name == "postgresql" else utc.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        return as_utc(value)
+
+
+def as_utc(value: datetime | str | None) -> datetime | None:
+    """An aware UTC datetime from what a driver hands back (naive UTC, text or aware)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class db_now(FunctionElement[Any]):
     """The database's current time plus ``seconds`` (a bound parameter, may be negative)."""
 
-    type = DateTime(timezone=True)
+    type = UTCDateTime()
     inherit_cache = True
     name = "db_now"
 

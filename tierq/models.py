@@ -11,7 +11,6 @@ from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -22,11 +21,16 @@ from sqlalchemy import (
     Uuid,
     func,
 )
+from sqlalchemy import (
+    false as sa_false,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tierq.db import UTCDateTime
+
 JsonType = JSON().with_variant(JSONB(), "postgresql")
-Timestamp = DateTime(timezone=True)
+Timestamp = UTCDateTime()
 
 
 class JobStatus(StrEnum):
@@ -77,6 +81,11 @@ class ApiKey(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(128))
     # Where this key's jobs are announced when a job names no webhook_url of its own.
     default_webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # A chat-completions client that disconnects cancels its job (unless its request's
+    # x-tierq-cancel-on-disconnect header says otherwise).
+    cancel_on_disconnect: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_false()
+    )
 
 
 class Conversation(Base):
@@ -197,6 +206,9 @@ class Backend(Base):
     health: Mapped[str] = mapped_column(String(16), default="unknown")
     circuit: Mapped[str] = mapped_column(String(16), default="closed")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Disabled "now" by an operator (a model that must be retired at once): its calls in
+    # flight are aborted and rerouted, and the minimal tier serves none of its answers.
+    retired: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     opened_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
     window_started_at: Mapped[datetime | None]

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from tierq import transitions
 from tierq.config import TierqConfig
 from tierq.db import db_now
-from tierq.events import record_event
 from tierq.models import Backend, Job, JobStatus
 
 
@@ -19,8 +19,15 @@ class UnknownBackend(LookupError):
     pass
 
 
-def set_disabled(session: Session, config: TierqConfig, name: str, disabled: bool) -> Backend:
-    """Takes effect on the next routing decision of every worker: no new call goes to it."""
+def set_disabled(
+    session: Session, config: TierqConfig, name: str, disabled: bool, now: bool = False
+) -> Backend:
+    """Takes effect on the next routing decision of every worker: no new call goes to it.
+
+    ``now`` (disabling only) retires it at once: every worker aborts its calls in flight on
+    it within a second and reroutes those jobs to the next live backend or tier, and the
+    minimal tier stops serving cached answers it produced (a model that must go now).
+    Enabling clears both."""
     if name not in config.backends:
         raise UnknownBackend(name)
     row = session.get(Backend, name)
@@ -28,6 +35,7 @@ def set_disabled(session: Session, config: TierqConfig, name: str, disabled: boo
         row = Backend(name=name, tier=config.tier_of(name).name)
         session.add(row)
     row.disabled = disabled
+    row.retired = disabled and now
     session.flush()
     session.execute(update(Backend).where(Backend.name == name).values(updated_at=db_now()))
     return row
@@ -59,24 +67,7 @@ def replay(
     if job_ids:
         query = query.where(Job.id.in_(job_ids))
     ids = session.scalars(query.order_by(Job.priority.desc(), Job.created_at).limit(limit)).all()
-    return release_parked(session, list(ids), config.tier_names[0], by="operator")
-
-
-def release_parked(session: Session, ids: list[uuid.UUID], tier: str, by: str) -> list[uuid.UUID]:
-    """parked → queued on ``tier`` (the relay publishes them); the one way out of parking."""
-    if not ids:
-        return []
-    released = session.scalars(
-        update(Job)
-        .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
-        .values(
-            status=JobStatus.QUEUED, tier=tier, published_at=None, due_at=None, updated_at=db_now()
-        )
-        .returning(Job.id)
-    ).all()
-    for job_id in released:
-        record_event(session, job_id, "replayed", tier=tier, by=by)
-    return list(released)
+    return transitions.release_parked(session, list(ids), config.tier_names[0], by="operator")
 
 
 def describe(row: Backend) -> dict[str, Any]:
@@ -84,6 +75,7 @@ def describe(row: Backend) -> dict[str, Any]:
         "name": row.name,
         "tier": row.tier,
         "disabled": row.disabled,
+        "retired": row.retired,
         "health": row.health,
         "circuit": row.circuit,
     }

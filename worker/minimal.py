@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from tierq.config import MinimalConfig, load_callable
 from tierq.db import db_now
-from tierq.models import Job, JobStatus
+from tierq.models import Backend, Job, JobStatus
 
 log = logging.getLogger(__name__)
 CACHEABLE_QUALITY = ("full", "reduced")
@@ -62,6 +62,8 @@ def _cached(
             Job.status == JobStatus.SUCCEEDED,
             Job.quality.in_(CACHEABLE_QUALITY),
             Job.finished_at >= db_now(-max_age),
+            # A backend retired now (disable --now) must not keep answering from the cache.
+            ~exists().where(Backend.name == Job.backend, Backend.retired.is_(True)),
         )
         .order_by(Job.finished_at.desc())
         .limit(1)

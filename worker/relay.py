@@ -23,18 +23,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from tierq import broker
+from tierq import broker, transitions
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
-from tierq.events import notify_job_changed, record_event
 from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
-from tierq.operations import release_parked
 from tierq.settings import Settings
 from worker import circuit
 from worker.broker_epoch import BrokerEpoch
@@ -94,58 +91,18 @@ class Relay:
         return counts
 
     def _reclaim_expired(self) -> int:
-        """A lease that ran out means its worker died (or stalled past it): count it on the
-        job, whose worker dying every time makes it a poison job. Claims themselves (retries,
-        escalations, replays) do not count."""
-        expired = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < db_now())
-        limit = self.settings.max_deliveries
-        released = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
+        """A lease that ran out means its worker died (or stalled past it): counted on the
+        job, whose worker dying every time makes it a poison job. Claims themselves
+        (retries, escalations, replays) do not count."""
         with session_scope() as session:
-            dead = session.scalars(
-                update(Job)
-                .where(expired, Job.lost_leases + 1 >= limit)
-                .values(
-                    status=JobStatus.DEAD,
-                    lost_leases=Job.lost_leases + 1,
-                    finished_at=db_now(),
-                    updated_at=db_now(),
-                    error=f"poison job: its worker died {limit} times before it finished",
-                    **released,
-                )
-                .returning(Job.id)
-            ).all()
-            for job_id in dead:
-                record_event(session, job_id, "dead", reason="poison job")
-                notify_job_changed(session, job_id)
-                log.error("job %s is dead: its worker died on every delivery", job_id)
-            requeued = session.scalars(
-                update(Job)
-                .where(expired)
-                .values(
-                    status=JobStatus.QUEUED,
-                    lost_leases=Job.lost_leases + 1,
-                    published_at=None,
-                    updated_at=db_now(),
-                    **released,
-                )
-                .returning(Job.id)
-            ).all()
-            for job_id in requeued:
-                record_event(session, job_id, "requeued", reason="lease expired")
+            dead, requeued = transitions.requeue_expired(session, self.settings.max_deliveries)
+        for job_id in dead:
+            log.error("job %s is dead: its worker died on every delivery", job_id)
         return len(dead) + len(requeued)
 
     def _wake_due(self) -> int:
         with session_scope() as session:
-            return len(
-                session.scalars(
-                    update(Job)
-                    .where(Job.status == JobStatus.RETRY_WAIT, Job.due_at <= db_now())
-                    .values(
-                        status=JobStatus.QUEUED, published_at=None, due_at=None, updated_at=db_now()
-                    )
-                    .returning(Job.id)
-                ).all()
-            )
+            return transitions.wake_due(session)
 
     def _half_open_due(self) -> int:
         """Open breakers past their recovery timeout become half open here, not only when a
@@ -177,7 +134,7 @@ class Relay:
                 .order_by(Job.priority.desc(), Job.created_at)
                 .limit(budget)
             ).all()
-            released = release_parked(session, list(ids), live.name, by="relay")
+            released = transitions.release_parked(session, list(ids), live.name, by="relay")
         if live.closed:
             self._replay_credit -= len(released)
         return len(released)
@@ -219,23 +176,8 @@ class Relay:
         )
 
     def _fail_past_deadline(self) -> int:
-        waiting = (JobStatus.QUEUED, JobStatus.RETRY_WAIT, JobStatus.PARKED)
         with session_scope() as session:
-            failed = session.scalars(
-                update(Job)
-                .where(Job.status.in_(waiting), Job.deadline < db_now())
-                .values(
-                    status=JobStatus.FAILED,
-                    error="deadline passed before an answer",
-                    finished_at=db_now(),
-                    updated_at=db_now(),
-                )
-                .returning(Job.id)
-            ).all()
-            for job_id in failed:
-                record_event(session, job_id, "failed", reason="deadline passed")
-                notify_job_changed(session, job_id)
-        return len(failed)
+            return transitions.fail_past_deadline(session)
 
     def _republish_if_broker_lost(self) -> int:
         if not self.epoch.lost():
@@ -410,18 +352,10 @@ def _callable_state(row: Backend | None, recovery: float, now: Any) -> str | Non
         return "closed"
     if row.circuit == "half_open":
         return "trial"
-    opened = _as_datetime(row.opened_at)
-    if opened is None or (_as_datetime(now) - opened).total_seconds() >= recovery:
+    opened = row.opened_at
+    if opened is None or (now - opened).total_seconds() >= recovery:
         return "trial"
     return None
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite returns db_now() as text
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _pause(settings: Settings, stop: threading.Event) -> None:

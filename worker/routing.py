@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.db import db_now
 from tierq.models import Backend, Job
-from worker import circuit, claim
+from tierq import leases
+from worker import circuit
 
 LATENCY_FLOOR_MS = 50.0
 # Key space of the call-slot advisory locks (two-int form: apart from the relay's lock).
@@ -72,7 +73,7 @@ def ramp(row: Backend, now: datetime, slow_start: float) -> float:
     ``slow_start`` seconds after its breaker closed."""
     if slow_start <= 0 or row.closed_at is None:
         return 1.0
-    elapsed = (now - claim.as_aware(row.closed_at)).total_seconds()
+    elapsed = (now - row.closed_at).total_seconds()
     return min(max(elapsed / slow_start, MIN_RAMP), 1.0)
 
 
@@ -112,7 +113,7 @@ def _lock_slots(session: Session, backends: list[BackendConfig]) -> None:
 # in one read taken after the slot locks (its snapshot then sees every slot taken before).
 _in_flight_here = (
     select(func.count())
-    .where(claim.in_flight(Job), Job.calling_backend == Backend.name)
+    .where(leases.in_flight(Job), Job.calling_backend == Backend.name)
     .correlate(Backend)
     .scalar_subquery()
 )
@@ -130,7 +131,7 @@ def _rows(
         circuit.ensure_rows(session, config)
         return _rows(session, config, wanted)
     rows = {row.name: (row, in_flight) for row, _, in_flight in found}
-    now = claim.as_aware(found[0][1]) if found else None
+    now = found[0][1] if found else None
     return rows, now
 
 
@@ -153,18 +154,18 @@ def choose(
     session: Session,
     config: TierqConfig,
     tier: TierConfig,
-    lease: claim.Lease,
+    lease: leases.Lease,
     pinned: str | None = None,
 ) -> Route | Full | None:
     """A backend of ``tier`` to call now, with its breaker permit and a call slot taken for
-    ``lease``'s job (give it back with ``claim.end_call``). Full: every backend that would
+    ``lease``'s job (give it back with ``leases.end_call``). Full: every backend that would
     take a call is at its cap. None: nothing in the tier is alive."""
     wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
     candidates = _candidates(session, config, wanted)
     full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == "closed"]
     for candidate in _ordered([c for c in candidates if c.has_slot]):
         backend = candidate.config
-        if not claim.start_call(session, lease, backend.name, candidate.cap):
+        if not leases.start_call(session, lease, backend.name, candidate.cap):
             full.append(backend.name)  # taken since we counted (no advisory lock on SQLite)
             continue
         permit = circuit.acquire(
@@ -175,5 +176,5 @@ def choose(
         )
         if permit is not None:
             return Route(backend, permit)
-        claim.end_call(session, lease)
+        leases.end_call(session, lease)
     return Full(tuple(full)) if full else None

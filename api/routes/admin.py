@@ -16,6 +16,7 @@ from tierq.db import session_scope
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Admin = Annotated[Caller, Depends(admin_caller)]
+RETIRE_NOW = "Also abort its calls in flight (rerouted) and withhold its cached answers."
 
 
 class ReplayRequest(BaseModel):
@@ -27,10 +28,11 @@ class ReplayRequest(BaseModel):
     job_ids: list[uuid.UUID] | None = Field(None, max_length=10_000)
 
 
-def _switch(request: Request, name: str, disabled: bool) -> dict[str, Any]:
+def _switch(request: Request, name: str, disabled: bool, now: bool = False) -> dict[str, Any]:
     try:
         with session_scope() as session:
-            row = operations.set_disabled(session, request.app.state.tier_config, name, disabled)
+            config = request.app.state.tier_config
+            row = operations.set_disabled(session, config, name, disabled, now)
             return operations.describe(row)
     except operations.UnknownBackend as exc:
         raise Problem(
@@ -42,8 +44,18 @@ def _switch(request: Request, name: str, disabled: bool) -> dict[str, Any]:
 
 
 @router.post("/backends/{name}/disable")
-def disable_backend(request: Request, name: str, _: Admin) -> dict[str, Any]:
-    return _switch(request, name, True)
+def disable_backend(
+    request: Request,
+    name: str,
+    _: Admin,
+    now: Annotated[
+        bool,
+        Query(
+            description="Also abort its calls in flight (rerouted) and withhold its cached answers"
+        ),
+    ] = False,
+) -> dict[str, Any]:
+    return _switch(request, name, True, now)
 
 
 @router.post("/backends/{name}/enable")

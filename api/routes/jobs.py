@@ -13,15 +13,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 
 from api.auth import Caller, current_caller
 from api.problems import Problem
 from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
-from tierq.db import db_now, session_scope
-from tierq.events import notify_job_changed, record_event
-from tierq.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobStatus
+from tierq import transitions
+from tierq.db import session_scope
+from tierq.models import TERMINAL_STATUSES, Job, JobStatus
 from tierq.webhooks import UnsafeWebhookURL, check_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -167,22 +167,9 @@ def list_jobs(
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]) -> JobOut:
+    """Cancel an active job. A running job's backend call is aborted within a second."""
     with session_scope() as session:
-        cancelled = session.scalar(
-            update(Job)
-            .where(Job.id == job_id, Job.owner_id == caller.key_id, Job.status.in_(ACTIVE_STATUSES))
-            .values(
-                status=JobStatus.CANCELLED,
-                error="cancelled by the client",
-                finished_at=db_now(),
-                updated_at=db_now(),
-                lease_token=None,
-            )
-            .returning(Job.id)
-        )
-        if cancelled:
-            record_event(session, job_id, "cancelled", reason="cancelled by the client")
-            notify_job_changed(session, job_id)
+        cancelled = transitions.cancel(session, job_id, caller.key_id, "cancelled by the client")
     job = load_job(caller, job_id)
     if not cancelled:
         raise Problem(
