@@ -1,15 +1,16 @@
-"""The backend clients against the real simulator, one protocol at a time, fault by fault."""
+"""The backend clients against the real simulator, one protocol at a time, fault by fault.
+
+The clients are asynchronous; the tests that share one connection pool run on one event
+loop for the module (``run``), the others in ``asyncio.run``.
+"""
 
 from __future__ import annotations
 
-import json
-import pickle
+import asyncio
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterator
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -19,16 +20,13 @@ from simulator.server import bind
 from tests.simulator_fixture import running_simulator
 from tierq.config import BackendConfig
 from worker.backends import (
-    AnthropicClient,
     BackendClient,
     BackendError,
     ChatAnswer,
     ErrorClass,
-    OllamaClient,
-    OpenAIClient,
     client_for,
-    parse_retry_after,
 )
+from worker.backends.base import pool_limits
 
 SIM = "sim-b"
 PROTOCOLS = ["openai", "ollama", "anthropic"]
@@ -48,6 +46,13 @@ LIVENESS = {
     "ollama": "GET /api/version",
     "anthropic": "GET /v1/models",
 }
+CHAT_ENDPOINT = {
+    "openai": "POST /v1/chat/completions",
+    "ollama": "POST /api/chat",
+    "anthropic": "POST /v1/messages",
+}
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +75,18 @@ def control(admin: SimulatorControl) -> SimulatorControl:
 
 
 @pytest.fixture(scope="module")
-def shared_http() -> Iterator[httpx.Client]:
+def run() -> Iterator[Run[Any]]:
+    """Run a coroutine on the module's one event loop (a pool belongs to one loop)."""
+    with asyncio.Runner() as runner:
+        yield runner.run
+
+
+@pytest.fixture(scope="module")
+def shared_http(run: Run[Any]) -> Iterator[httpx.AsyncClient]:
     # One pool for the whole module, as a worker shares one; creating clients costs ~20 ms.
-    with httpx.Client() as http:
-        yield http
+    http = httpx.AsyncClient()
+    yield http
+    run(http.aclose())
 
 
 @pytest.fixture(autouse=True)
@@ -94,36 +107,43 @@ def make_config(protocol: str, url: str, **overrides: Any) -> BackendConfig:
     return BackendConfig(**(fields | overrides))
 
 
-def drain(stream: Generator[str, None, ChatAnswer]) -> tuple[list[str], ChatAnswer]:
-    deltas = []
-    while True:
-        try:
-            deltas.append(next(stream))
-        except StopIteration as stop:
-            return deltas, stop.value
+async def drain(
+    client: BackendClient, request: dict[str, Any] = REQUEST, **options: Any
+) -> tuple[list[str], ChatAnswer]:
+    """Stream ``request``: the deltas in the order given, and the answer returned."""
+    deltas: list[str] = []
+    answer = await client.stream(request, on_delta=deltas.append, **options)
+    return deltas, answer
 
 
-def call(client: BackendClient, how: str) -> ChatAnswer:
+async def call(client: BackendClient, how: str) -> ChatAnswer:
     if how == "chat":
-        return client.chat(REQUEST)
-    return drain(client.stream(REQUEST))[1]
+        return await client.chat(REQUEST)
+    return (await drain(client))[1]
 
 
 # -- answers ----------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_chat(protocol: str, sim_url: str, control: SimulatorControl) -> None:
-    with client_for(make_config(protocol, sim_url)) as client:
-        answer = client.chat(REQUEST)
+    async def chat() -> ChatAnswer:
+        async with client_for(make_config(protocol, sim_url)) as client:
+            return await client.chat(REQUEST)
+
+    answer = asyncio.run(chat())
     words = len(ANSWER.split())
     assert answer == ChatAnswer(ANSWER, "stop", 5, words, "m-1")
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_stream(
-    protocol: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+    protocol: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
 ) -> None:
     client = client_for(make_config(protocol, sim_url), http=shared_http)
-    deltas, answer = drain(client.stream(REQUEST))
+    deltas, answer = run(drain(client))
     assert len(deltas) == len(ANSWER.split())  # the simulator streams one word per delta
     assert "".join(deltas) == ANSWER
     assert answer == ChatAnswer(ANSWER, "stop", 5, len(deltas), "m-1")
@@ -132,30 +152,40 @@ def test_stream(
 @pytest.mark.parametrize("how", ["chat", "stream"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_call_can_ask_for_another_model(
-    protocol: str, how: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+    protocol: str,
+    how: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
 ) -> None:
     client = client_for(make_config(protocol, sim_url), http=shared_http)
     if how == "chat":
-        answer = client.chat(REQUEST, model="smaller-1")
+        answer = run(client.chat(REQUEST, model="smaller-1"))
     else:
-        answer = drain(client.stream(REQUEST, model="smaller-1"))[1]
+        answer = run(drain(client, model="smaller-1"))[1]
     assert answer.model == "smaller-1"  # the simulator answers as the model it was asked for
-    assert call(client, how).model == "m-1"  # the next call is back to the configured one
+    assert run(call(client, how)).model == "m-1"  # the next call is back to the configured one
 
 
 @pytest.mark.parametrize("how", ["chat", "stream"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_call_timeout_caps_the_backend_timeouts(
-    protocol: str, how: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+    protocol: str,
+    how: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
 ) -> None:
     control.set_faults(mode="hang")
     client = client_for(make_config(protocol, sim_url, read_timeout=5), http=shared_http)
     started = time.monotonic()
     with pytest.raises(BackendError) as caught:
         if how == "chat":
-            client.chat(REQUEST, timeout=0.3)
+            run(client.chat(REQUEST, timeout=0.3))
         else:
-            drain(client.stream(REQUEST, timeout=0.3))
+            run(drain(client, timeout=0.3))
     assert caught.value.error_class is ErrorClass.TIMEOUT
     assert "after 0.3s" in caught.value.message
     assert time.monotonic() - started < 2.5  # far below the configured 5 s
@@ -164,11 +194,16 @@ def test_a_call_timeout_caps_the_backend_timeouts(
 @pytest.mark.parametrize("how", ["chat", "stream"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_max_tokens_means_length(
-    protocol: str, how: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+    protocol: str,
+    how: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
 ) -> None:
     client = client_for(make_config(protocol, sim_url), http=shared_http)
     request = REQUEST | {"max_tokens": 2}
-    answer = client.chat(request) if how == "chat" else drain(client.stream(request))[1]
+    answer = run(client.chat(request)) if how == "chat" else run(drain(client, request))[1]
     assert (answer.content, answer.finish_reason, answer.completion_tokens) == (
         f"[{SIM}] You",
         "length",
@@ -176,12 +211,79 @@ def test_max_tokens_means_length(
     )
 
 
-def test_closing_a_stream_early_is_clean(sim_url: str, control: SimulatorControl) -> None:
-    with client_for(make_config("anthropic", sim_url)) as client:
-        stream = client.stream(REQUEST)
-        assert next(stream) == f"[{SIM}] "
-        stream.close()
-        assert client.chat(REQUEST).content == ANSWER  # the pool is still usable
+def test_stopping_a_stream_early_is_clean(sim_url: str, control: SimulatorControl) -> None:
+    control.set_faults(tokens_per_second=20)
+
+    async def first_delta_then_chat() -> tuple[list[str], str]:
+        async with client_for(make_config("anthropic", sim_url)) as client:
+            deltas: list[str] = []
+            first = asyncio.Event()
+
+            def on_delta(text: str) -> None:
+                deltas.append(text)
+                first.set()
+
+            streaming = asyncio.create_task(client.stream(REQUEST, on_delta=on_delta))
+            await first.wait()
+            streaming.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await streaming
+            control.set_faults()
+            return deltas, (await client.chat(REQUEST)).content  # the pool is still usable
+
+    deltas, content = asyncio.run(first_delta_then_chat())
+    assert deltas == [f"[{SIM}] "]
+    assert content == ANSWER
+
+
+# -- cancelling a call: the server sees its client go -----------------------------------
+async def _stats_within(control: SimulatorControl, seconds: float) -> dict[str, Any]:
+    """The simulator's stats once it has seen an abort and nothing is left in flight."""
+    deadline = time.monotonic() + seconds
+    while True:
+        await asyncio.sleep(0.02)  # the loop runs on: the cancelled call's socket closes
+        stats = control.stats()
+        if (stats["aborted"], stats["in_flight"]) == (1, 0) or time.monotonic() > deadline:
+            return stats
+
+
+@pytest.mark.parametrize("how", ["chat", "stream"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cancelling_a_call_closes_its_connection(
+    protocol: str,
+    how: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
+) -> None:
+    # A slow answer: 5 s before a plain one starts; a stream with a word every 0.2 s.
+    control.set_faults(**({"latency_ms": 5000} if how == "chat" else {"tokens_per_second": 5}))
+    client = client_for(make_config(protocol, sim_url, read_timeout=10), http=shared_http)
+    deltas: list[str] = []
+
+    async def cancel_after(seconds: float) -> tuple[float, dict[str, Any]]:
+        if how == "chat":
+            calling = asyncio.create_task(client.chat(REQUEST))
+        else:
+            calling = asyncio.create_task(client.stream(REQUEST, on_delta=deltas.append))
+        await asyncio.sleep(seconds)
+        assert control.stats()["in_flight"] == 1
+        cancelled_at = time.monotonic()
+        calling.cancel()
+        with pytest.raises(asyncio.CancelledError):  # not a BackendError, not swallowed
+            await calling
+        stats = await _stats_within(control, 1.0)
+        return time.monotonic() - cancelled_at, stats
+
+    took, stats = run(cancel_after(0.3))
+    assert (stats["aborted"], stats["in_flight"]) == (1, 0), stats
+    assert took < 1.0
+    assert stats["endpoints"] == {CHAT_ENDPOINT[protocol]: 1}
+    if how == "stream":
+        assert 0 < len(deltas) < len(ANSWER.split())  # cut off mid-answer
+    control.set_faults()
+    assert run(call(client, how)).content == ANSWER  # the shared pool is still usable
 
 
 # -- faults -----------------------------------------------------------------------------
@@ -215,12 +317,13 @@ def test_fault_is_classified(
     how: str,
     sim_url: str,
     control: SimulatorControl,
-    shared_http: httpx.Client,
+    run: Run[Any],
+    shared_http: httpx.AsyncClient,
 ) -> None:
     control.set_faults(**faults)
     client = client_for(make_config(protocol, sim_url, read_timeout=0.2), http=shared_http)
     with pytest.raises(BackendError) as caught:
-        call(client, how)
+        run(call(client, how))
     error = caught.value
     assert error.error_class is expected
     assert error.retryable is (expected not in (ErrorClass.CONTEXT_LENGTH, ErrorClass.CLIENT))
@@ -233,16 +336,20 @@ def test_fault_is_classified(
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_closed_port_is_connect(protocol: str) -> None:
     sock = bind("127.0.0.1", 0)  # bound but never listening: connections are refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def calls() -> None:
+        async with client_for(make_config(protocol, url)) as client:
+            with pytest.raises(BackendError) as caught:
+                await client.chat(REQUEST)
+            assert caught.value.error_class is ErrorClass.CONNECT
+            with pytest.raises(BackendError) as caught:
+                await drain(client)
+            assert caught.value.error_class is ErrorClass.CONNECT
+            assert await client.live() is False
+
     try:
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with client_for(make_config(protocol, url)) as client:
-            with pytest.raises(BackendError) as caught:
-                client.chat(REQUEST)
-            assert caught.value.error_class is ErrorClass.CONNECT
-            with pytest.raises(BackendError) as caught:
-                drain(client.stream(REQUEST))
-            assert caught.value.error_class is ErrorClass.CONNECT
-            assert client.live() is False
+        asyncio.run(calls())
     finally:
         sock.close()
 
@@ -251,272 +358,66 @@ def test_shared_pool_still_uses_the_backend_timeouts(
     sim_url: str, control: SimulatorControl
 ) -> None:
     control.set_faults(mode="hang")
-    with httpx.Client(timeout=30) as shared:
-        client = client_for(make_config("openai", sim_url, read_timeout=0.2), http=shared)
-        with pytest.raises(BackendError) as caught:
-            client.chat(REQUEST)
-        client.close()  # a borrowed pool is left open for its owner
-        assert not shared.is_closed
-    assert caught.value.error_class is ErrorClass.TIMEOUT
-    assert "read timeout after 0.2s" in caught.value.message
+
+    async def hanging_call() -> BackendError:
+        async with httpx.AsyncClient(timeout=30) as shared:
+            client = client_for(make_config("openai", sim_url, read_timeout=0.2), http=shared)
+            with pytest.raises(BackendError) as caught:
+                await client.chat(REQUEST)
+            await client.aclose()  # a borrowed pool is left open for its owner
+            assert not shared.is_closed
+        return caught.value
+
+    error = asyncio.run(hanging_call())
+    assert error.error_class is ErrorClass.TIMEOUT
+    assert "read timeout after 0.2s" in error.message
+
+
+def test_an_own_pool_does_not_cap_concurrency() -> None:
+    config = make_config("openai", "http://vllm:8000", max_concurrency=1000)
+    limits = pool_limits(config)
+    assert limits.max_connections is None
+    assert limits.max_keepalive_connections == 1000
+    assert pool_limits(make_config("openai", "http://vllm:8000")).max_keepalive_connections == 256
+
+    async def owned_pool_closes() -> bool:
+        client = client_for(config)
+        await client.aclose()  # its own pool is closed with it
+        return client._http.is_closed
+
+    assert asyncio.run(owned_pool_closes())
 
 
 # -- liveness ---------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_live(
-    protocol: str, sim_url: str, control: SimulatorControl, shared_http: httpx.Client
+    protocol: str,
+    run: Run[Any],
+    sim_url: str,
+    control: SimulatorControl,
+    shared_http: httpx.AsyncClient,
 ) -> None:
     client = client_for(make_config(protocol, sim_url), http=shared_http)
-    assert client.live() is True
+    assert run(client.live()) is True
     assert control.stats()["endpoints"] == {LIVENESS[protocol]: 1}
     control.set_faults(mode="error_500", scope="chat")
-    assert client.live() is True  # the server is up; only inference fails
+    assert run(client.live()) is True  # the server is up; only inference fails
     control.set_faults(mode="overloaded")
-    assert client.live() is False
+    assert run(client.live()) is False
     with pytest.raises(BackendError) as caught:
-        client.check_live()
+        run(client.check_live())
     assert caught.value.error_class is ErrorClass.OVERLOADED
 
 
 # -- secrets ----------------------------------------------------------------------------
-def _echoing_transport(seen: list[httpx.Request]) -> httpx.MockTransport:
-    """A backend that rejects the key and, like some do, quotes it back."""
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        message = f"Incorrect API key provided: {SECRET}"
-        return httpx.Response(401, json={"error": {"message": message, "type": "auth"}})
-
-    return httpx.MockTransport(handler)
-
-
-@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
-def test_api_key_is_sent_but_never_shown(protocol: str) -> None:
-    seen: list[httpx.Request] = []
-    with httpx.Client(transport=_echoing_transport(seen)) as http:
-        client = client_for(make_config(protocol, "http://backend.invalid"), http=http)
-        with pytest.raises(BackendError) as caught:
-            client.chat(REQUEST)
-    if protocol == "openai":
-        assert seen[0].headers["authorization"] == f"Bearer {SECRET}"
-    else:
-        assert seen[0].headers["x-api-key"] == SECRET
-        assert seen[0].headers["anthropic-version"] == "2023-06-01"
-    error = caught.value
-    assert error.error_class is ErrorClass.CLIENT and error.status == 401
-    shown = [str(error), repr(error), error.message, *traceback.format_exception(error)]
-    assert not any(SECRET in text for text in shown)
-    assert "[redacted]" in error.message
-
-
 def test_api_key_not_in_transport_errors(sim_url: str, control: SimulatorControl) -> None:
     control.set_faults(mode="reset")
-    with client_for(make_config("anthropic", sim_url)) as client, pytest.raises(BackendError) as c:
-        client.chat(REQUEST)
+
+    async def chat() -> ChatAnswer:
+        async with client_for(make_config("anthropic", sim_url)) as client:
+            return await client.chat(REQUEST)
+
+    with pytest.raises(BackendError) as c:
+        asyncio.run(chat())
     assert c.value.error_class is ErrorClass.CONNECT
     assert SECRET not in "".join(traceback.format_exception(c.value))
-
-
-def test_backend_error_survives_pickling() -> None:
-    error = BackendError(ErrorClass.RATE_LIMITED, "b: HTTP 429: slow down", 429, 1.5)
-    copy = pickle.loads(pickle.dumps(error))
-    assert (copy.error_class, copy.message, copy.status, copy.retry_after) == (
-        ErrorClass.RATE_LIMITED,
-        "b: HTTP 429: slow down",
-        429,
-        1.5,
-    )
-    assert str(copy) == "rate_limited: b: HTTP 429: slow down"
-
-
-# -- other servers' dialects, through a stand-in transport ------------------------------
-def _answering(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Client:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.Client(
-        transport=httpx.MockTransport(
-            lambda request: httpx.Response(status, content=content, headers=headers)
-        )
-    )
-
-
-DIALECTS: list[tuple[str, int, Any, ErrorClass]] = [
-    # vLLM's older envelope
-    (
-        "openai",
-        400,
-        {
-            "object": "error",
-            "message": "This model's maximum context length is 4096 tokens.",
-            "type": "BadRequestError",
-            "code": 400,
-        },
-        ErrorClass.CONTEXT_LENGTH,
-    ),
-    # llama.cpp server
-    (
-        "openai",
-        400,
-        {
-            "error": {
-                "code": 400,
-                "message": "request (4476 tokens) exceeds the available context size (4096 tokens)",
-                "type": "exceed_context_size_error",
-            }
-        },
-        ErrorClass.CONTEXT_LENGTH,
-    ),
-    # TGI
-    (
-        "openai",
-        422,
-        {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096"},
-        ErrorClass.CONTEXT_LENGTH,
-    ),
-    ("openai", 404, {"error": {"message": "The model `x` does not exist"}}, ErrorClass.CLIENT),
-    ("openai", 502, b"<html>Bad Gateway</html>", ErrorClass.SERVER),
-    ("openai", 408, b"", ErrorClass.TIMEOUT),
-    ("ollama", 404, {"error": "model 'llama9' not found, try pulling it first"}, ErrorClass.CLIENT),
-    (
-        "anthropic",
-        400,
-        {"type": "error", "error": {"type": "invalid_request_error", "message": "bad role"}},
-        ErrorClass.CLIENT,
-    ),
-    ("anthropic", 200, {"type": "message", "content": "not a list"}, ErrorClass.MALFORMED),
-]
-
-
-@pytest.mark.parametrize(("protocol", "status", "body", "expected"), DIALECTS)
-def test_error_dialects(protocol: str, status: int, body: Any, expected: ErrorClass) -> None:
-    with _answering(status, body) as http:
-        client = client_for(make_config(protocol, "http://backend.invalid"), http=http)
-        with pytest.raises(BackendError) as caught:
-            client.chat(REQUEST)
-    assert caught.value.error_class is expected
-    assert caught.value.status == status
-
-
-def test_rate_limit_with_an_http_date() -> None:
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    with _answering(429, {"error": "slow down"}, {"Retry-After": later}) as http:
-        client = client_for(make_config("ollama", "http://backend.invalid"), http=http)
-        with pytest.raises(BackendError) as caught:
-            client.chat(REQUEST)
-    assert caught.value.retry_after is not None and 25 < caught.value.retry_after <= 30
-
-
-def test_connect_timeout_is_timeout() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectTimeout("timed out", request=request)
-
-    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
-        client = client_for(make_config("openai", "http://backend.invalid"), http=http)
-        with pytest.raises(BackendError) as caught:
-            client.chat(REQUEST)
-    assert caught.value.error_class is ErrorClass.TIMEOUT
-    assert "connect timeout after 1.0s" in caught.value.message
-
-
-# -- requests as each protocol wants them -----------------------------------------------
-def _capturing(answer: dict[str, Any], seen: list[httpx.Request]) -> httpx.Client:
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=answer)
-
-    return httpx.Client(transport=httpx.MockTransport(handler))
-
-
-def test_anthropic_request_translation() -> None:
-    seen: list[httpx.Request] = []
-    answer = {"type": "message", "content": [{"type": "text", "text": "ok"}], "usage": {}}
-    request = {
-        "messages": [
-            {"role": "system", "content": "Rule one."},
-            {"role": "user", "content": "a"},
-            {"role": "user", "content": [{"type": "text", "text": "b"}]},
-            {"role": "assistant", "content": "c"},
-            {"role": "user", "content": "d"},
-        ],
-        "temperature": 1.7,
-        "stop": "END",
-    }
-    with _capturing(answer, seen) as http:
-        client = client_for(make_config("anthropic", "https://api.example.com/v1"), http=http)
-        assert client.chat(request).content == "ok"
-    assert str(seen[0].url) == "https://api.example.com/v1/messages"
-    body = json.loads(seen[0].content)
-    assert body["system"] == "Rule one."
-    assert body["messages"] == [
-        {"role": "user", "content": "a\n\nb"},
-        {"role": "assistant", "content": "c"},
-        {"role": "user", "content": "d"},
-    ]
-    assert (body["model"], body["max_tokens"], body["temperature"]) == ("m-1", 4096, 1.0)
-    assert body["stop_sequences"] == ["END"]
-
-
-def test_ollama_request_translation() -> None:
-    seen: list[httpx.Request] = []
-    answer = {"message": {"role": "assistant", "content": "ok"}, "done": True}
-    request = REQUEST | {"max_tokens": 7, "seed": 3, "response_format": {"type": "json_object"}}
-    with _capturing(answer, seen) as http:
-        client = client_for(make_config("ollama", "http://ollama:11434"), http=http)
-        assert client.chat(request).content == "ok"
-    body = json.loads(seen[0].content)
-    assert body["options"] == {"temperature": 0.2, "seed": 3, "num_predict": 7}
-    assert (body["stream"], body["format"], body["model"]) == (False, "json", "m-1")
-
-
-def test_openai_request_keeps_client_parameters() -> None:
-    seen: list[httpx.Request] = []
-    answer = {"model": "m-1", "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
-    with _capturing(answer, seen) as http:
-        client = client_for(make_config("openai", "http://vllm:8000"), http=http)
-        assert client.chat(REQUEST | {"stream": True}).content == "ok"
-    body = json.loads(seen[0].content)
-    assert (body["model"], body["temperature"], "stream" in body) == ("m-1", 0.2, False)
-
-
-# -- small pieces -----------------------------------------------------------------------
-def test_client_for_picks_the_protocol(sim_url: str) -> None:
-    kinds: dict[str, Callable[..., BackendClient]] = {
-        "openai": OpenAIClient,
-        "ollama": OllamaClient,
-        "anthropic": AnthropicClient,
-    }
-    for protocol, kind in kinds.items():
-        with client_for(make_config(protocol, sim_url)) as client:
-            assert type(client) is kind
-
-
-def test_error_classes() -> None:
-    assert [c.value for c in ErrorClass] == [
-        "connect",
-        "timeout",
-        "server",
-        "overloaded",
-        "rate_limited",
-        "malformed",
-        "context_length",
-        "client",
-    ]
-    assert {c for c in ErrorClass if not c.retryable} == {
-        ErrorClass.CONTEXT_LENGTH,
-        ErrorClass.CLIENT,
-    }
-
-
-def test_parse_retry_after() -> None:
-    soon = datetime.now(UTC) + timedelta(seconds=120)
-    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
-    assert parse_retry_after({"Retry-After": "7"}) == 7.0
-    assert parse_retry_after({"Retry-After": "0.25"}) == 0.25
-    assert parse_retry_after(httpx.Headers({"RETRY-AFTER": "3"})) == 3.0
-    in_two_minutes = parse_retry_after({"retry-after": format_datetime(soon, usegmt=True)})
-    assert in_two_minutes is not None and 115 < in_two_minutes <= 120
-    past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
-    assert parse_retry_after({"retry-after": past}) == 0.0
-    assert parse_retry_after({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
-    for garbage in ("soon", "-5", "nan", "inf", "", "Mon, 99 Foo 2025"):
-        assert parse_retry_after({"retry-after": garbage}) is None, garbage
-    assert parse_retry_after({}) is None

@@ -3,6 +3,7 @@ canary) where probes cost nothing. Status: healthy, degraded (slow) or down."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -32,12 +33,18 @@ class ProbeResult:
 
 
 def probe(backend: BackendConfig) -> ProbeResult:
+    """Probe one backend; blocks (it runs in a thread of the prober's pool, on an event
+    loop of its own)."""
+    return asyncio.run(_probe(backend))
+
+
+async def _probe(backend: BackendConfig) -> ProbeResult:
     started = time.monotonic()
     try:
-        with client_for(canary_bounded(backend)) as client:
-            client.check_live()
+        async with client_for(canary_bounded(backend)) as client:
+            await client.check_live()
             if backend.canary:
-                answer = client.chat(CANARY)
+                answer = await client.chat(CANARY)
                 if not answer.content.strip():
                     raise BackendError("malformed", "canary answer was empty")
     except BackendError as error:

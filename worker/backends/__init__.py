@@ -5,14 +5,10 @@ from __future__ import annotations
 import httpx
 
 from tierq.config import BackendConfig
+from tierq.errors import ErrorClass
 from worker.backends.anthropic import AnthropicClient
-from worker.backends.base import (
-    BackendClient,
-    BackendError,
-    ChatAnswer,
-    ErrorClass,
-    parse_retry_after,
-)
+from worker.backends.base import BackendClient, ChatAnswer
+from worker.backends.errors import BackendError, parse_retry_after
 from worker.backends.ollama import OllamaClient
 from worker.backends.openai_compat import OpenAIClient
 
@@ -35,6 +31,7 @@ CLIENTS: dict[str, type[BackendClient]] = {
 }
 
 
-def client_for(config: BackendConfig, http: httpx.Client | None = None) -> BackendClient:
-    """The client for ``config.protocol``; pass ``http`` to share one connection pool."""
+def client_for(config: BackendConfig, http: httpx.AsyncClient | None = None) -> BackendClient:
+    """The client for ``config.protocol``; pass ``http`` to share one connection pool (on
+    the event loop that runs the calls)."""
     return CLIENTS[config.protocol](config, http)

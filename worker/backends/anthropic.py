@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from worker.backends.base import (
     BackendClient,
     ChatAnswer,
-    ErrorInfo,
+    aiter_sse,
     as_int,
-    class_for_stream_error,
     dict_at,
-    error_info_of,
-    iter_sse,
     max_tokens_of,
     text_of,
 )
+from worker.backends.errors import ErrorInfo, class_for_stream_error, error_info_of
 
 PATH = "/v1/messages"
 API_VERSION = "2023-06-01"
@@ -79,10 +77,10 @@ class AnthropicClient(BackendClient):
             body["stream"] = True
         return body
 
-    def chat(
+    async def chat(
         self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
     ) -> ChatAnswer:
-        data = self.post_json(
+        data = await self.post_json(
             PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
         )
         if not isinstance(data, dict) or data.get("type") != "message":
@@ -96,19 +94,25 @@ class AnthropicClient(BackendClient):
         usage = dict_at(data, "usage")
         return self._answer(text, data.get("stop_reason"), usage, data.get("model"))
 
-    def stream(
-        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
-    ) -> Generator[str, None, ChatAnswer]:
+    async def stream(
+        self,
+        request: dict[str, Any],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        on_delta: Callable[[str], None],
+    ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
         state = _StreamState()
         body = self.body(request, stream=True, model=model)
-        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
-            for event in iter_sse(response.iter_lines()):
-                delta = self._take_event(event.event, event.data, state)
-                if delta:
-                    yield delta
-                if state.stopped:
-                    break
+        with self.translate_errors(limits):
+            async with self.open_stream(PATH, body, limits) as response:
+                async for event in aiter_sse(response.aiter_lines()):
+                    delta = self._take_event(event.event, event.data, state)
+                    if delta:
+                        on_delta(delta)
+                    if state.stopped:
+                        break
         if not state.stopped:
             self.malformed("the stream ended before message_stop")
         return self._answer("".join(state.parts), state.stop_reason, state.usage, state.model)

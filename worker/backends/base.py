@@ -1,83 +1,37 @@
-"""What every backend client shares: the answer, the error classes, HTTP and error mapping.
+"""What every backend client shares: the answer, HTTP, and turning failures into errors.
 
-Clients are synchronous (Celery prefork workers are) and speak one wire protocol each.
-Requests come in the OpenAI chat-completions shape, the lingua franca inside tierq; each
-client translates to its protocol and back. Every failure becomes a ``BackendError`` whose
-``error_class`` is what the routing policy decides on (retry, escalate, fail).
+Clients are asynchronous: a worker keeps many calls in flight on one event loop, and a
+call is stopped (a client's cancel, an operator retiring a backend) by cancelling the task
+that awaits it, which closes its connection, so the server sees its client go and stops
+generating. Each client speaks one wire protocol. Requests come in the OpenAI
+chat-completions shape, the lingua franca inside tierq; each client translates to its
+protocol and back. Every failure becomes a ``BackendError`` whose ``error_class`` is what
+the routing policy decides on (retry, escalate, fail).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from enum import StrEnum
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, Self
 
 import httpx
 
 from tierq.config import BackendConfig
+from tierq.errors import ErrorClass as ErrorClass  # re-exported: its home before tierq.errors
+from worker.backends.errors import BackendError, class_for_status, error_info, parse_retry_after
 
 # A liveness probe must not tie a worker up for a model-sized read timeout.
 LIVENESS_READ_TIMEOUT = 5.0
-# How much of a backend's error text ends up in a message (HTML error pages are long).
-MAX_DETAIL = 300
-
-
-class ErrorClass(StrEnum):
-    CONNECT = "connect"  # refused, reset, dropped mid-answer: the server is not there
-    TIMEOUT = "timeout"  # connect or read timeout
-    SERVER = "server"  # 5xx other than overload
-    OVERLOADED = "overloaded"  # 503, 529: up but shedding load
-    RATE_LIMITED = "rate_limited"  # 429, usually with Retry-After
-    MALFORMED = "malformed"  # 2xx whose body is not the protocol's shape
-    CONTEXT_LENGTH = "context_length"  # the prompt does not fit this backend's model
-    CLIENT = "client"  # any other 4xx: the request itself is wrong for this backend
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same request may succeed if sent again (here or on a peer)."""
-        return self not in (ErrorClass.CONTEXT_LENGTH, ErrorClass.CLIENT)
-
-
-class BackendError(Exception):
-    """A failed backend call. The message never contains credentials."""
-
-    def __init__(
-        self,
-        error_class: ErrorClass,
-        message: str,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.error_class = ErrorClass(error_class)
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
-
-    @property
-    def retryable(self) -> bool:
-        return self.error_class.retryable
-
-    def __str__(self) -> str:
-        return f"{self.error_class}: {self.message}"
-
-    def __repr__(self) -> str:
-        return (
-            f"BackendError({self.error_class.value!r}, {self.message!r}, "
-            f"status={self.status!r}, retry_after={self.retry_after!r})"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Celery pickles exceptions across processes; keep every field, not just args.
-        return (type(self), (self.error_class, self.message, self.status, self.retry_after))
+# Idle connections kept per client. A worker keeps up to the backends' max_concurrency
+# calls in flight at once on one event loop, so the pool never caps how many connections
+# are open (httpx's default of 100 would queue calls in the pool); it caps only how many
+# idle ones are kept for the next calls.
+KEEPALIVE_CONNECTIONS = 256
 
 
 @dataclass(frozen=True)
@@ -89,126 +43,17 @@ class ChatAnswer:
     model: str
 
 
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP-date).
-
-    A date in the past means 0; anything unparsable means None (no advice).
-    """
-    lower = {k.lower(): v for k, v in headers.items()}
-    millis = _non_negative(lower.get("retry-after-ms"))
-    if millis is not None:
-        return millis / 1000
-    value = lower.get("retry-after")
-    if value is None:
-        return None
-    seconds = _non_negative(value)
-    if seconds is not None:
-        return seconds
-    return _seconds_until(value)
-
-
-def _non_negative(value: str | None) -> float | None:
-    try:
-        number = float(value) if value is not None else math.nan
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
-def _seconds_until(date: str) -> float | None:
-    try:
-        when = parsedate_to_datetime(date)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None  # HTTP-dates are always GMT; one without a zone is not an HTTP-date
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-# Phrases the common servers use for a prompt that does not fit (OpenAI, vLLM, llama.cpp,
-# TGI, Ollama, Anthropic); matched only on error answers, never on model output.
-_CONTEXT_PATTERNS = re.compile(
-    r"context[_ ]length|context window|context size|maximum context|prompt is too long"
-    r"|input length exceeds|too many tokens|max_new_tokens` must be",
-    re.IGNORECASE,
-)
-_CONTEXT_CODES = {"context_length_exceeded", "exceed_context_size_error"}
-
-
-def is_context_length(message: str, code: str | None = None) -> bool:
-    return code in _CONTEXT_CODES or bool(_CONTEXT_PATTERNS.search(message))
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    """What a backend said about an error: its text and its machine-readable kind."""
-
-    message: str
-    code: str | None = None  # OpenAI ``code``, Anthropic ``error.type``, llama.cpp ``type``
-
-
-def error_info(body: bytes) -> ErrorInfo:
-    """The message and code of any of the error envelopes in use, or the raw text."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return ErrorInfo(body.decode("utf-8", "replace").strip()[:MAX_DETAIL])
-    return error_info_of(data) or ErrorInfo(body.decode("utf-8", "replace").strip()[:MAX_DETAIL])
-
-
-def error_info_of(data: Any) -> ErrorInfo | None:
-    """``{"error": {"message", "code"|"type"}}``, ``{"error": "..."}``, ``{"message": ...}``."""
-    if not isinstance(data, dict):
-        return None
-    error = data.get("error", data)
-    if isinstance(error, str):
-        return ErrorInfo(error[:MAX_DETAIL])
-    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
-        return None
-    code = error.get("code")
-    if not isinstance(code, str):
-        code = error.get("type") if isinstance(error.get("type"), str) else None
-    return ErrorInfo(error["message"][:MAX_DETAIL], code)
-
-
-def class_for_status(status: int, info: ErrorInfo) -> ErrorClass:
-    if status == 429 or info.code == "rate_limit_error":
-        return ErrorClass.RATE_LIMITED
-    if status in (503, 529) or info.code == "overloaded_error":
-        return ErrorClass.OVERLOADED
-    if status == 408:
-        return ErrorClass.TIMEOUT  # the server gave up waiting for us: try again
-    if status >= 500:
-        return ErrorClass.SERVER
-    if 400 <= status < 500:
-        if is_context_length(info.message, info.code):
-            return ErrorClass.CONTEXT_LENGTH
-        return ErrorClass.CLIENT
-    return ErrorClass.MALFORMED  # 1xx/3xx where an answer was due
-
-
-def class_for_stream_error(info: ErrorInfo) -> ErrorClass:
-    """An error reported inside a 200 stream, where there is no status to go by."""
-    if info.code in ("overloaded_error", "engine_overloaded"):
-        return ErrorClass.OVERLOADED
-    if info.code in ("rate_limit_error", "rate_limit_exceeded"):
-        return ErrorClass.RATE_LIMITED
-    if is_context_length(info.message, info.code):
-        return ErrorClass.CONTEXT_LENGTH
-    return ErrorClass.SERVER
-
-
 @dataclass
 class ServerSentEvent:
     event: str | None
     data: str
 
 
-def iter_sse(lines: Iterator[str]) -> Iterator[ServerSentEvent]:
+async def aiter_sse(lines: AsyncIterator[str]) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events from a response's lines (the parts of the spec LLM APIs use)."""
     event: str | None = None
     data: list[str] = []
-    for line in lines:
+    async for line in lines:
         if not line:
             if data or event:
                 yield ServerSentEvent(event, "\n".join(data))
@@ -251,18 +96,25 @@ def max_tokens_of(request: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def pool_limits(config: BackendConfig) -> httpx.Limits:
+    """No cap on open connections; idle ones kept for at least ``max_concurrency`` calls."""
+    keepalive = max(KEEPALIVE_CONNECTIONS, config.max_concurrency)
+    return httpx.Limits(max_connections=None, max_keepalive_connections=keepalive)
+
+
 class BackendClient(ABC):
     """One backend (a BackendConfig) spoken to over one wire protocol.
 
-    Thread-compatible like the ``httpx.Client`` under it; give each worker process its own.
+    Calls run on the event loop of the ``httpx.AsyncClient`` under it, and any number of
+    them at once; give each worker event loop its own client (or its own shared pool).
     """
 
     liveness_path: ClassVar[str]  # the protocol's cheapest endpoint that proves the server up
 
-    def __init__(self, config: BackendConfig, http: httpx.Client | None = None) -> None:
+    def __init__(self, config: BackendConfig, http: httpx.AsyncClient | None = None) -> None:
         self.config = config
         # A shared client (connection pool) is welcome; the timeouts travel per request.
-        self._http = http or httpx.Client()
+        self._http = http or httpx.AsyncClient(limits=pool_limits(config))
         self._owns_http = http is None
         self.timeout = httpx.Timeout(
             config.read_timeout, connect=config.connect_timeout, pool=config.read_timeout
@@ -273,33 +125,41 @@ class BackendClient(ABC):
         key = config.api_key
         self._secret = key.get_secret_value() if key is not None else None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         if self._owns_http:
-            self._http.close()
+            await self._http.aclose()
 
-    def __enter__(self) -> BackendClient:
+    async def __aenter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- the protocol -----------------------------------------------------------------
     # ``model`` replaces the configured model for one call (a tier's degrade.model);
     # ``timeout`` caps every timeout of the call at that many seconds (a job's deadline).
+    # Cancelling the task that awaits a call raises CancelledError in it (never a
+    # BackendError) and closes the call's connection.
     @abstractmethod
-    def chat(
+    async def chat(
         self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
     ) -> ChatAnswer:
         """Answer an OpenAI-shaped chat request with this backend's configured model."""
 
     @abstractmethod
-    def stream(
-        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
-    ) -> Generator[str, None, ChatAnswer]:
-        """Yield text deltas as they arrive; the generator returns the ChatAnswer.
+    async def stream(
+        self,
+        request: dict[str, Any],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        on_delta: Callable[[str], None],
+    ) -> ChatAnswer:
+        """Like ``chat``, streamed: ``on_delta`` gets each text delta, in order, as it arrives.
 
-        Nothing is sent before the first ``next()``; closing the generator early closes
-        the connection. Errors, including those reported mid-stream, raise BackendError.
+        Errors, including those reported mid-stream and a stream that ends without the
+        server's finish (the finish reason, [DONE], message_stop, a done line), raise
+        BackendError: the deltas already given are then not an answer.
         """
 
     def timeout_within(self, seconds: float | None) -> httpx.Timeout:
@@ -313,18 +173,18 @@ class BackendClient(ABC):
             pool=min(self.config.read_timeout, limit),
         )
 
-    def live(self) -> bool:
+    async def live(self) -> bool:
         """Whether the protocol's cheap liveness endpoint answers 2xx right now."""
         try:
-            self.check_live()
+            await self.check_live()
         except BackendError:
             return False
         return True
 
-    def check_live(self) -> None:
+    async def check_live(self) -> None:
         """Like ``live``, but raises the BackendError, for the health record."""
         with self.translate_errors():
-            response = self._http.get(
+            response = await self._http.get(
                 self.url(self.liveness_path), headers=self.headers(), timeout=self.liveness_timeout
             )
             if not response.is_success:
@@ -342,13 +202,13 @@ class BackendClient(ABC):
             path = path[3:]
         return base + path
 
-    def post_json(
+    async def post_json(
         self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
     ) -> Any:
         """POST and return the decoded JSON of a 2xx answer; raise BackendError otherwise."""
         timeout = timeout or self.timeout
         with self.translate_errors(timeout):
-            response = self._http.post(
+            response = await self._http.post(
                 self.url(path), json=body, headers=self.headers(), timeout=timeout
             )
             if not response.is_success:
@@ -360,11 +220,15 @@ class BackendClient(ABC):
                     ErrorClass.MALFORMED, "the answer is not valid JSON", response.status_code
                 )
 
-    @contextmanager
-    def open_stream(
+    @asynccontextmanager
+    async def open_stream(
         self, path: str, body: dict[str, Any], timeout: httpx.Timeout | None = None
-    ) -> Iterator[httpx.Response]:
-        """POST for a streamed answer; a non-2xx answer is read and raised as BackendError."""
+    ) -> AsyncIterator[httpx.Response]:
+        """POST for a streamed answer; a non-2xx answer is read and raised as BackendError.
+
+        The response is closed however the block ends, a cancelled task included: the
+        connection goes, and the server sees its client leave.
+        """
         request = self._http.build_request(
             "POST",
             self.url(path),
@@ -372,18 +236,21 @@ class BackendClient(ABC):
             headers=self.headers(),
             timeout=timeout or self.timeout,
         )
-        response = self._http.send(request, stream=True)
+        response = await self._http.send(request, stream=True)
         try:
             if not response.is_success:
-                response.read()
+                await response.aread()
                 self.raise_for_answer(response.status_code, response.headers, response.content)
             yield response
         finally:
-            response.close()
+            await response.aclose()
 
     @contextmanager
     def translate_errors(self, timeout: httpx.Timeout | None = None) -> Iterator[None]:
-        """Turn transport failures into BackendErrors, so callers see one exception type."""
+        """Turn transport failures into BackendErrors, so callers see one exception type.
+
+        A cancelled call's CancelledError goes through untouched: it is not a failure.
+        """
         try:
             yield
         except httpx.TimeoutException as exc:

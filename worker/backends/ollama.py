@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+from collections.abc import Callable
 from typing import Any
 
-from worker.backends.base import (
-    BackendClient,
-    ChatAnswer,
-    ErrorInfo,
-    as_int,
-    class_for_stream_error,
-    max_tokens_of,
-    text_of,
-)
+from worker.backends.base import BackendClient, ChatAnswer, as_int, max_tokens_of, text_of
+from worker.backends.errors import ErrorInfo, class_for_stream_error
 
 PATH = "/api/chat"
 # OpenAI sampling parameters that Ollama takes, under the same names, in "options".
@@ -58,10 +51,10 @@ class OllamaClient(BackendClient):
             body["format"] = output_format
         return body
 
-    def chat(
+    async def chat(
         self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
     ) -> ChatAnswer:
-        data = self.post_json(
+        data = await self.post_json(
             PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
         )
         content = self._content_of(data)
@@ -69,23 +62,29 @@ class OllamaClient(BackendClient):
             self.malformed("the answer is not done")
         return self._answer(data, content)
 
-    def stream(
-        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
-    ) -> Generator[str, None, ChatAnswer]:
+    async def stream(
+        self,
+        request: dict[str, Any],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        on_delta: Callable[[str], None],
+    ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
         parts: list[str] = []
         body = self.body(request, stream=True, model=model)
-        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
-            for line in response.iter_lines():
-                if not line.strip():
-                    continue
-                data = self._load_line(line)
-                content = self._content_of(data)
-                if content:
-                    parts.append(content)
-                    yield content
-                if data.get("done") is True:
-                    return self._answer(data, "".join(parts))
+        with self.translate_errors(limits):
+            async with self.open_stream(PATH, body, limits) as response:
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    data = self._load_line(line)
+                    content = self._content_of(data)
+                    if content:
+                        parts.append(content)
+                        on_delta(content)
+                    if data.get("done") is True:
+                        return self._answer(data, "".join(parts))
         self.malformed("the stream ended without a done line")
 
     def _load_line(self, line: str) -> dict[str, Any]:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.backends.base import (
-    BackendClient,
-    ChatAnswer,
-    ErrorInfo,
-    as_int,
-    class_for_stream_error,
-    dict_at,
-    error_info_of,
-    iter_sse,
-)
+from worker.backends.base import BackendClient, ChatAnswer, aiter_sse, as_int, dict_at
+from worker.backends.errors import ErrorInfo, class_for_stream_error, error_info_of
 
 PATH = "/v1/chat/completions"
 # Set by tierq for every call; a client's own values would fight the configuration.
@@ -51,10 +43,10 @@ class OpenAIClient(BackendClient):
             body |= {"stream": True, "stream_options": {"include_usage": True}}
         return body
 
-    def chat(
+    async def chat(
         self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
     ) -> ChatAnswer:
-        data = self.post_json(
+        data = await self.post_json(
             PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
         )
         message, finish_reason = self._first_choice(data)
@@ -81,21 +73,27 @@ class OpenAIClient(BackendClient):
         finish = choices[0].get("finish_reason")
         return message, finish if isinstance(finish, str) else None
 
-    def stream(
-        self, request: dict[str, Any], *, model: str | None = None, timeout: float | None = None
-    ) -> Generator[str, None, ChatAnswer]:
+    async def stream(
+        self,
+        request: dict[str, Any],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        on_delta: Callable[[str], None],
+    ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
         state = _StreamState()
         done = False
         body = self.body(request, stream=True, model=model)
-        with self.translate_errors(limits), self.open_stream(PATH, body, limits) as response:
-            for event in iter_sse(response.iter_lines()):
-                if event.data.strip() == "[DONE]":
-                    done = True
-                    break
-                delta = self._take_chunk(event.data, state)
-                if delta:
-                    yield delta
+        with self.translate_errors(limits):
+            async with self.open_stream(PATH, body, limits) as response:
+                async for event in aiter_sse(response.aiter_lines()):
+                    if event.data.strip() == "[DONE]":
+                        done = True
+                        break
+                    delta = self._take_chunk(event.data, state)
+                    if delta:
+                        on_delta(delta)
         if not done and state.finish_reason is None:
             self.malformed("the stream ended before the answer was complete")
         return self._streamed_answer(state)
