@@ -21,6 +21,8 @@ CACHE_SECONDS = 10.0  # a revoked key stops working within this many seconds
 class Caller:
     key_id: uuid.UUID
     is_admin: bool
+    # The key's default for chat clients that disconnect (x-tierq-cancel-on-disconnect).
+    cancel_on_disconnect: bool = False
 
 
 _cache: dict[str, tuple[float, Caller]] = {}
@@ -38,7 +40,7 @@ def _cached(digest: str) -> Caller | None:
 def _load(key: str, digest: str) -> Caller | None:
     with session_scope() as session:
         row = find_key(session, key)
-        caller = Caller(row.id, row.is_admin) if row else None
+        caller = Caller(row.id, row.is_admin, row.cancel_on_disconnect) if row else None
     if caller:
         _cache[digest] = (time.monotonic() + CACHE_SECONDS, caller)
     return caller

@@ -213,7 +213,15 @@ def keys() -> None:
     metavar="URL",
     help="Default receiver of this key's job webhooks (a job's own webhook_url wins).",
 )
-def keys_create(name: str, admin: bool, webhook_url: str | None) -> None:
+@click.option(
+    "--cancel-on-disconnect",
+    is_flag=True,
+    help="A chat-completions client of this key that disconnects before its answer cancels "
+    "its job (a request's x-tierq-cancel-on-disconnect header wins). Default: the job is kept.",
+)
+def keys_create(
+    name: str, admin: bool, webhook_url: str | None, cancel_on_disconnect: bool
+) -> None:
     """Create an API key; it is printed once and stored only as a hash. The second line
     is the key's webhook signing secret (Standard Webhooks), also printed only this once."""
     from tierq.db import session_scope
@@ -221,7 +229,13 @@ def keys_create(name: str, admin: bool, webhook_url: str | None) -> None:
 
     try:
         with session_scope() as session:
-            created = create_key(session, name, is_admin=admin, webhook_url=webhook_url)
+            created = create_key(
+                session,
+                name,
+                is_admin=admin,
+                webhook_url=webhook_url,
+                cancel_on_disconnect=cancel_on_disconnect,
+            )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--webhook-url") from exc
     click.echo(created.key)

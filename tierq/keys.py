@@ -34,7 +34,12 @@ class CreatedKey:
 
 
 def create_key(
-    session: Session, name: str, *, is_admin: bool = False, webhook_url: str | None = None
+    session: Session,
+    name: str,
+    *,
+    is_admin: bool = False,
+    webhook_url: str | None = None,
+    cancel_on_disconnect: bool = False,
 ) -> CreatedKey:
     """``webhook_url``: where this key's jobs are announced when they name no URL of their
     own; checked like a job's (raises tierq.webhooks.UnsafeWebhookURL, a ValueError)."""
@@ -49,6 +54,7 @@ def create_key(
         is_admin=is_admin,
         webhook_secret=secret,
         default_webhook_url=webhook_url,
+        cancel_on_disconnect=cancel_on_disconnect,
     )
     session.add(row)
     session.flush()

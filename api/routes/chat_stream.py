@@ -24,6 +24,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from api.auth import Caller
+from api.disconnect import ClientGone, wanted, watched
 from api.routes.jobs import load_job, wait_for_end
 from api.schemas import ServedBy
 from tierq import streams
@@ -189,6 +190,7 @@ async def _live(
         if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
             quiet_since = loop.time()
             yield KEEPALIVE
+    raise ClientGone  # the loop ends only when the client has disconnected
 
 
 def _ending(job: Job, writer: ChunkWriter, shown: str) -> list[bytes]:
@@ -217,7 +219,11 @@ async def _whole(
 def stream_job(
     request: Request, caller: Caller, job: Job, include_usage: bool, wait: float
 ) -> AsyncIterator[bytes]:
+    """The job's answer as chat.completion.chunk frames; if the client disconnects first,
+    its job is cancelled when the request asks for it (``api.disconnect``)."""
     writer = ChunkWriter(job, include_usage)
     if streams.available():
-        return _live(request, caller, job, writer, wait)
-    return _whole(request, caller, job, writer, wait)
+        frames = _live(request, caller, job, writer, wait)
+    else:
+        frames = _whole(request, caller, job, writer, wait)
+    return watched(frames, job.id, caller, cancel=wanted(request, caller))

@@ -39,6 +39,7 @@ from fastapi.routing import APIRoute
 from pydantic import Field, field_validator
 from sqlalchemy import select
 
+from api import disconnect
 from api.auth import Caller, current_caller
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
@@ -316,13 +317,21 @@ async def create_chat_completion(
     accepted = await run_in_threadpool(
         accept, caller.key_id, body.job(), idempotency_key, request.app.state.tier_config
     )
-    job = await wait_for_end(
+    waiting = wait_for_end(
         request,
         caller,
         accepted.job.id,
         _wait_seconds(read_timeout),
         stop_at=TERMINAL_STATUSES | {JobStatus.PARKED},
     )
+    if not disconnect.wanted(request, caller):
+        job = await waiting  # a client that goes away leaves its job running
+    else:
+        try:
+            job = await disconnect.unless_gone(request, waiting)
+        except disconnect.ClientGone:
+            await disconnect.cancel_job(accepted.job.id, caller)
+            return Response(status_code=499)  # nobody is listening any more
     if job.status != JobStatus.SUCCEEDED or job.result is None:
         raise await _failure(job, keyed=idempotency_key is not None)
     headers = _job_headers(job)
