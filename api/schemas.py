@@ -104,13 +104,6 @@ class ConversationCreate(BaseModel):
     system: Text | None = Field(None, min_length=1, max_length=100_000)
 
 
-def utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 class ServedBy(BaseModel):
     tier: str
     backend: str | None
@@ -153,15 +146,15 @@ class JobOut(BaseModel):
             status=job.status,
             conversation_id=job.conversation_id,
             priority=job.priority,
-            deadline=utc(job.deadline),
-            created_at=utc(job.created_at),  # type: ignore[arg-type]
-            updated_at=utc(job.updated_at),  # type: ignore[arg-type]
-            finished_at=utc(job.finished_at),
+            deadline=job.deadline,
+            created_at=job.created_at,  # type: ignore[arg-type]
+            updated_at=job.updated_at,  # type: ignore[arg-type]
+            finished_at=job.finished_at,
             deliveries=job.deliveries,
             served_by=ServedBy.of(job),
             result=job.result,
             error=job.error,
-            retry_after=utc(job.due_at) if job.status == "parked" else None,
+            retry_after=job.due_at if job.status == "parked" else None,
             webhook_url=job.webhook_url,
         )
 
@@ -186,7 +179,7 @@ class TurnOut(BaseModel):
             role=turn.role,
             content=turn.content,
             job_id=turn.job_id,
-            created_at=utc(turn.created_at),  # type: ignore[arg-type]
+            created_at=turn.created_at,  # type: ignore[arg-type]
         )
 
 

@@ -42,7 +42,9 @@ from tierq.models import (
     TERMINAL_STATUSES,
     Attempt,
     Backend,
+    Circuit,
     CircuitTransition,
+    Health,
     Job,
     JobEvent,
     JobStatus,
@@ -59,7 +61,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Answers of these qualities from the first SLA_TIERS tiers count as "good" for the SLA.
 SLA_QUALITIES = ("full", "reduced")
 SLA_TIERS = 2
-CIRCUIT_STATES = ("closed", "open", "half_open")
+CIRCUIT_STATES = tuple(Circuit)
 DELIVERY_STATUSES = (
     DeliveryStatus.PENDING,
     DeliveryStatus.SENDING,
@@ -67,7 +69,7 @@ DELIVERY_STATUSES = (
     DeliveryStatus.FAILED,
 )
 UNDELIVERED = (DeliveryStatus.PENDING, DeliveryStatus.SENDING)
-UP_HEALTH = ("healthy", "degraded")
+UP_HEALTH = (Health.HEALTHY, Health.DEGRADED)
 # A scrape must not hang on a dead broker or pile slow queries onto the database.
 STATEMENT_TIMEOUT_MS = 5000
 NONE_LABEL = "none"  # label value for a NULL column (quality, error_class)
@@ -142,9 +144,6 @@ def parked_metrics(conn: Connection, _config: TierqConfig) -> Iterator[Metric]:
 def _age_seconds(oldest: datetime | None, now: datetime) -> float:
     if oldest is None:
         return 0.0
-    # SQLite hands back naive UTC datetimes, Postgres aware ones; compare like with like.
-    if (oldest.tzinfo is None) != (now.tzinfo is None):
-        oldest, now = oldest.replace(tzinfo=None), now.replace(tzinfo=None)
     return max(0.0, (now - oldest).total_seconds())
 
 

@@ -48,6 +48,27 @@ class JobStatus(StrEnum):
         return self in TERMINAL_STATUSES
 
 
+class Circuit(StrEnum):
+    """A backend's circuit breaker (worker.circuit makes the transitions)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class Health(StrEnum):
+    """What the last probe said of a backend (worker.health)."""
+
+    UNKNOWN = "unknown"  # not probed yet: given the benefit of the doubt
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"  # answers, slowly
+    DOWN = "down"
+
+    @property
+    def up(self) -> bool:
+        return self in (Health.UNKNOWN, Health.HEALTHY, Health.DEGRADED)
+
+
 TERMINAL_STATUSES = frozenset(
     {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD}
 )
@@ -203,8 +224,8 @@ class Backend(Base):
 
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     tier: Mapped[str] = mapped_column(String(64))
-    health: Mapped[str] = mapped_column(String(16), default="unknown")
-    circuit: Mapped[str] = mapped_column(String(16), default="closed")
+    health: Mapped[str] = mapped_column(String(16), default=Health.UNKNOWN)
+    circuit: Mapped[str] = mapped_column(String(16), default=Circuit.CLOSED)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     # Disabled "now" by an operator (a model that must be retired at once): its calls in
     # flight are aborted and rerouted, and the minimal tier serves none of its answers.

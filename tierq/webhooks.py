@@ -297,13 +297,6 @@ def pin(url: str, settings: WebhookSettings) -> PinnedRequest:
 # -- the event payload -----------------------------------------------------------------
 
 
-def _utc(value: Any) -> Any:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def job_view(job: Any) -> dict[str, Any]:
     """The job as ``GET /v1/jobs/{id}`` shows it (``api.schemas.JobOut``), as JSON values.
 
@@ -316,10 +309,10 @@ def job_view(job: Any) -> dict[str, Any]:
         "status": job.status,
         "conversation_id": job.conversation_id,
         "priority": job.priority,
-        "deadline": _utc(job.deadline),
-        "created_at": _utc(job.created_at),
-        "updated_at": _utc(job.updated_at),
-        "finished_at": _utc(job.finished_at),
+        "deadline": job.deadline,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
         "deliveries": job.deliveries,
         "served_by": {
             "tier": job.tier,
@@ -330,7 +323,7 @@ def job_view(job: Any) -> dict[str, Any]:
         },
         "result": job.result,
         "error": job.error,
-        "retry_after": _utc(job.due_at) if job.status == JobStatus.PARKED else None,
+        "retry_after": job.due_at if job.status == JobStatus.PARKED else None,
         "webhook_url": job.webhook_url,
     }
     return to_jsonable_python(view)
@@ -378,7 +371,7 @@ def record_delivery(session: Session, job_id: uuid.UUID | str) -> str | None:
         message_id = event_id(job_id, row.status, row.deliveries)
         body = {
             "type": f"job.{row.status}",
-            "timestamp": to_jsonable_python(_utc(row.updated_at)),
+            "timestamp": to_jsonable_python(row.updated_at),
             "data": job_view(row),
         }
         _insert_ignoring_duplicates(

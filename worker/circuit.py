@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Boolean, Float, Integer, bindparam, case, insert, select, update
@@ -19,15 +18,9 @@ from sqlalchemy.orm import Session
 
 from tierq.config import BreakerConfig, TierqConfig
 from tierq.db import db_now
-from tierq.models import Backend, CircuitTransition
+from tierq.models import Backend, Circuit, CircuitTransition
 
 log = logging.getLogger(__name__)
-
-
-class Circuit(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 @dataclass(frozen=True)

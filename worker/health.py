@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from tierq.config import BackendConfig, TierqConfig
 from tierq.db import db_now, session_scope
-from tierq.models import Backend
+from tierq.models import Backend, Health
 from worker.backends import client_for
 from worker.backends.base import BackendError
 
@@ -48,10 +48,11 @@ async def _probe(backend: BackendConfig) -> ProbeResult:
                 if not answer.content.strip():
                     raise BackendError("malformed", "canary answer was empty")
     except BackendError as error:
-        return ProbeResult(backend.name, "down", _ms(started), str(error))
+        return ProbeResult(backend.name, Health.DOWN, _ms(started), str(error))
     latency = _ms(started)
     slow = latency > backend.health.degraded_latency_ms
-    return ProbeResult(backend.name, "degraded" if slow else "healthy", latency, None)
+    health = Health.DEGRADED if slow else Health.HEALTHY
+    return ProbeResult(backend.name, health, latency, None)
 
 
 def canary_timeout(backend: BackendConfig) -> float:
@@ -78,7 +79,7 @@ def save(result: ProbeResult) -> None:
     }
     with session_scope() as session:
         session.execute(update(Backend).where(Backend.name == result.backend).values(values))
-    if result.health != "healthy":
+    if result.health != Health.HEALTHY:
         log.warning(
             "probe %s: %s (%s)",
             result.backend,

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, aliased
 from tierq import broker, transitions
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
-from tierq.models import ACTIVE_STATUSES, Backend, Job, JobStatus
+from tierq.models import ACTIVE_STATUSES, Backend, Circuit, Health, Job, JobStatus
 from tierq.settings import Settings
 from worker import circuit
 from worker.broker_epoch import BrokerEpoch
@@ -346,11 +346,11 @@ def live_tier(session: Session, config: TierqConfig) -> LiveTier | None:
 def _callable_state(row: Backend | None, recovery: float, now: Any) -> str | None:
     if row is None:
         return "closed"  # never seen: no reason to think it is down
-    if row.disabled or row.health == "down":
+    if row.disabled or row.health == Health.DOWN:
         return None
-    if row.circuit == "closed":
+    if row.circuit == Circuit.CLOSED:
         return "closed"
-    if row.circuit == "half_open":
+    if row.circuit == Circuit.HALF_OPEN:
         return "trial"
     opened = row.opened_at
     if opened is None or (now - opened).total_seconds() >= recovery:

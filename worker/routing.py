@@ -24,10 +24,10 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
+from tierq import leases
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.db import db_now
-from tierq.models import Backend, Job
-from tierq import leases
+from tierq.models import Backend, Circuit, Health, Job
 from worker import circuit
 
 LATENCY_FLOOR_MS = 50.0
@@ -35,7 +35,7 @@ LATENCY_FLOOR_MS = 50.0
 SLOT_LOCK_SPACE = 0x74716373  # "tqcs"
 MIN_RAMP = 0.1
 # Lower is preferred; "unknown" (not probed yet) is given the benefit of the doubt.
-HEALTH_RANK = {"healthy": 0, "unknown": 0, "degraded": 1}
+HEALTH_RANK = {Health.HEALTHY: 0, Health.UNKNOWN: 0, Health.DEGRADED: 1}
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _candidates(
         _Candidate(b, row, ramp(row, now, config.breaker_for(b.name).slow_start_seconds), in_flight)
         for b in wanted
         for row, in_flight in [rows[b.name]]
-        if not row.disabled and row.health != "down"
+        if not row.disabled and row.health != Health.DOWN
     ]
 
 
@@ -162,7 +162,7 @@ def choose(
     take a call is at its cap. None: nothing in the tier is alive."""
     wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
     candidates = _candidates(session, config, wanted)
-    full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == "closed"]
+    full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == Circuit.CLOSED]
     for candidate in _ordered([c for c in candidates if c.has_slot]):
         backend = candidate.config
         if not leases.start_call(session, lease, backend.name, candidate.cap):

@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -271,12 +270,6 @@ def _read_some(response: httpx.Response, limit: int = ERROR_CHARS) -> str:
     return data[:limit].decode(errors="replace").strip()
 
 
-def _as_datetime(value: Any) -> datetime:
-    if isinstance(value, str):  # SQLite returns db_now() as text
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def finish(claimed: Claimed, outcome: Outcome, settings: WebhookSettings) -> str | None:
     """Write the outcome, if this worker still holds the lease. Returns the new status."""
     mine = (
@@ -299,7 +292,7 @@ def finish(claimed: Claimed, outcome: Outcome, settings: WebhookSettings) -> str
         attempts = row.attempts + 1
         entry = {
             "attempt": attempts,
-            "at": _as_datetime(row.now).isoformat().replace("+00:00", "Z"),
+            "at": row.now.isoformat().replace("+00:00", "Z"),
             "status_code": outcome.status_code,
             "error": outcome.error,
             "duration_ms": outcome.duration_ms,

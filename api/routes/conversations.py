@@ -24,7 +24,6 @@ from api.schemas import (
     JobOut,
     MessageCreate,
     TurnOut,
-    utc,
 )
 from tierq.db import session_scope
 from tierq.models import ACTIVE_STATUSES, Conversation, Job, Turn
@@ -50,7 +49,7 @@ def _load(session, caller: Caller, conversation_id: uuid.UUID) -> ConversationOu
     )
     return ConversationOut(
         id=conversation.id,
-        created_at=utc(conversation.created_at),  # type: ignore[arg-type]
+        created_at=conversation.created_at,  # type: ignore[arg-type]
         turns=[TurnOut.of(t) for t in turns],
         pending_jobs=list(pending),
     )

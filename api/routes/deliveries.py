@@ -13,7 +13,6 @@ from sqlalchemy import select
 from api.auth import Caller, current_caller
 from api.problems import Problem
 from api.routes.jobs import load_job
-from api.schemas import utc
 from tierq.db import session_scope
 from tierq.models import WebhookDelivery
 from tierq.webhooks import DeliveryStatus, redeliver, webhook_settings
@@ -58,13 +57,11 @@ class DeliveryOut(BaseModel):
             attempts=row.attempts,
             last_status_code=row.last_status_code,
             last_error=row.last_error,
-            next_attempt_at=(
-                utc(row.next_attempt_at) if row.status == DeliveryStatus.PENDING else None
-            ),
-            expires_at=utc(row.expires_at),  # type: ignore[arg-type]
-            delivered_at=utc(row.delivered_at),
-            created_at=utc(row.created_at),  # type: ignore[arg-type]
-            updated_at=utc(row.updated_at),  # type: ignore[arg-type]
+            next_attempt_at=(row.next_attempt_at if row.status == DeliveryStatus.PENDING else None),
+            expires_at=row.expires_at,  # type: ignore[arg-type]
+            delivered_at=row.delivered_at,
+            created_at=row.created_at,  # type: ignore[arg-type]
+            updated_at=row.updated_at,  # type: ignore[arg-type]
             attempt_log=[DeliveryAttempt.model_validate(e) for e in _log(row.attempt_log)],
         )
 

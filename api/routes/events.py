@@ -35,7 +35,6 @@ from sqlalchemy import select
 from api.auth import Caller, current_caller
 from api.problems import Problem
 from api.routes.jobs import load_job
-from api.schemas import utc
 from tierq.db import session_scope
 from tierq.models import ApiKey, Job, JobEvent, JobStatus
 
@@ -91,7 +90,7 @@ async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes
     waiters = request.app.state.waiters
     with waiters.watch(str(job.id)) as wake:
         if after < 0:  # a fresh watcher first learns the job exists; its id 0 is before all
-            yield _frame(0, "queued", {"job_id": str(job.id), "at": utc(job.created_at)})
+            yield _frame(0, "queued", {"job_id": str(job.id), "at": job.created_at})
             after = 0
         while True:
             wake.clear()
@@ -101,7 +100,7 @@ async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes
                 yield _frame(
                     event.id,
                     event.kind,
-                    {"job_id": str(job.id), **event.detail, "at": utc(event.created_at)},
+                    {"job_id": str(job.id), **event.detail, "at": event.created_at},
                 )
             if status and JobStatus(status).terminal:
                 return

@@ -14,7 +14,7 @@ from api.auth import Caller, current_caller
 from tierq.broker import get_celery
 from tierq.config import BackendConfig
 from tierq.db import get_engine, session_scope
-from tierq.models import Backend
+from tierq.models import Backend, Circuit, Health
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -65,8 +65,8 @@ def _backend_view(tier: str, backend: BackendConfig, row: Backend | None) -> dic
         "protocol": backend.protocol,
         "url": backend.url,
         # A backend no worker has touched yet has no row; these are the row's defaults.
-        "health": row.health if row else "unknown",
-        "circuit": row.circuit if row else "closed",
+        "health": row.health if row else Health.UNKNOWN,
+        "circuit": row.circuit if row else Circuit.CLOSED,
         "disabled": row.disabled if row else False,
         "last_probe_at": row.last_probe_at if row else None,
         "last_latency_ms": row.last_latency_ms if row else None,

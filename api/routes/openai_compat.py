@@ -44,7 +44,7 @@ from api.auth import Caller, current_caller
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
-from api.schemas import JobCreate, utc
+from api.schemas import JobCreate
 from api.submit import accept
 from tierq.db import session_scope
 from tierq.models import TERMINAL_STATUSES, Attempt, Job, JobStatus
@@ -215,13 +215,13 @@ def _last_error_class(job_id: uuid.UUID) -> str | None:
 def _seconds_until(when: datetime | None) -> int:
     if when is None:
         return WAIT_TIMEOUT_RETRY_AFTER
-    left = (utc(when) - datetime.now(UTC)).total_seconds()  # type: ignore[operator]
+    left = (when - datetime.now(UTC)).total_seconds()  # type: ignore[operator]
     return max(1, math.ceil(left))
 
 
 def _past_deadline(job: Job) -> bool:
-    ended = utc(job.finished_at or job.updated_at)
-    deadline = utc(job.deadline)
+    ended = job.finished_at or job.updated_at
+    deadline = job.deadline
     return deadline is not None and ended is not None and ended >= deadline
 
 
