@@ -114,18 +114,30 @@ def publish(
     job_id: uuid.UUID | str, queue: str, *, retry_policy: dict[str, Any] | None = None
 ) -> bool:
     """Ring the doorbell for one job on ``queue``. False (logged) if the broker is unreachable."""
+    return send(RUN_JOB, job_id, queue, retry_policy=retry_policy)
+
+
+def send(
+    task: str,
+    row_id: uuid.UUID | str,
+    queue: str,
+    *,
+    retry_policy: dict[str, Any] | None = None,
+    kind: str = "job",
+) -> bool:
+    """One message of ``task`` for one row (a ``kind``: job, webhook) on ``queue``."""
     try:
         # The default exchange ("") routes by queue name alone; a named exchange would need
         # kombu's binding keys, which a Redis flush erases, and would then drop messages.
         get_celery().send_task(
-            RUN_JOB,
-            args=[str(job_id)],
+            task,
+            args=[str(row_id)],
             queue=_direct(queue),
             retry=True,
             retry_policy=retry_policy or FAST_PATH_RETRY,
         )
     except Exception as exc:  # any transport error: the relay will publish it
-        log.warning("publish of job %s to %s failed: %s", job_id, queue, type(exc).__name__)
+        log.warning("publish of %s %s to %s failed: %s", kind, row_id, queue, type(exc).__name__)
         return False
     return True
 

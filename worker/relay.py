@@ -19,7 +19,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,14 +32,13 @@ from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
 from tierq.models import ACTIVE_STATUSES, Backend, Circuit, Health, Job, JobStatus
 from tierq.settings import Settings
-from worker import circuit
+from worker import circuit, outbox
 from worker.broker_epoch import BrokerEpoch
 from worker.health import Prober
 from worker.webhook_delivery import publish_due_deliveries
 
 log = logging.getLogger(__name__)
 RELAY_LOCK_ID = 0x7469657271  # "tierq"
-PUBLISH_BATCH = 1000
 SWEEP_JITTER = 0.2  # ± this share of relay_interval between sweeps
 
 
@@ -67,6 +65,15 @@ class Relay:
         self._replay_credit = 0.0
         self._last_sweep = time.monotonic()
         self._saw_outage = False
+        self.jobs = outbox.Outbox(
+            table=Job,
+            task=broker.RUN_JOB,
+            kind="job",
+            waiting=lambda: (Job.status == JobStatus.QUEUED) & ~_blocked(),
+            order=lambda: [Job.priority.desc(), Job.created_at],
+            republish_after=lambda: settings.republish_after,
+            queue_column=lambda: Job.tier,
+        )
 
     def sweep(self, still_leader: Callable[[], None] = lambda: None) -> dict[str, int]:
         """One pass; returns how many jobs each step touched (for logs and tests).
@@ -200,64 +207,7 @@ class Relay:
             )
 
     def _publish_pending(self) -> int:
-        with session_scope() as session:
-            rows = session.execute(
-                select(Job.id, Job.tier)
-                .where(Job.status == JobStatus.QUEUED, Job.published_at.is_(None), ~_blocked())
-                .order_by(Job.priority.desc(), Job.created_at)
-                .limit(PUBLISH_BATCH)
-            ).all()
-            rows += self._missing_messages(session)
-        published = _publish_until_failure(rows)
-        if published:
-            with session_scope() as session:
-                session.execute(
-                    update(Job).where(Job.id.in_(published)).values(published_at=db_now())
-                )
-        return len(published)
-
-    def _missing_messages(self, session: Session) -> list[Any]:
-        """Jobs published long ago whose message may be gone, as many per tier as the
-        broker's queue is short of the jobs that should have one; oldest publication first.
-
-        Republishing every stale job instead would add the whole backlog to the queue each
-        ``republish_after`` while it drains. Here the queue never holds more messages than
-        there are queued jobs (plus duplicates the workers drop). A message a worker has
-        reserved but not yet claimed is not in the queue: at most one per worker process
-        is published twice, and the second copy is a no-op."""
-        depths = broker.queue_depths(self.settings, self.config.tier_names)
-        if depths is None:
-            return []
-        published = (Job.status == JobStatus.QUEUED) & Job.published_at.is_not(None) & ~_blocked()
-        expected: dict[str, int] = dict(
-            session.execute(
-                select(Job.tier, func.count()).where(published).group_by(Job.tier)
-            ).all()
-        )
-        stale = Job.published_at < db_now(-self.settings.republish_after)
-        rows: list[Any] = []
-        for tier, count in expected.items():
-            shortfall = min(count - depths.get(tier, 0), PUBLISH_BATCH - len(rows))
-            if shortfall <= 0:
-                continue
-            rows += session.execute(
-                select(Job.id, Job.tier)
-                .where(published, stale, Job.tier == tier)
-                .order_by(Job.published_at, Job.created_at)
-                .limit(shortfall)
-            ).all()
-        return rows
-
-
-def _publish_until_failure(rows: list[Any]) -> list[uuid.UUID]:
-    """Publish in order; stop at the first failure: with the broker down every publish
-    would wait out its retries, and the relay must get back to reclaiming leases."""
-    published: list[uuid.UUID] = []
-    for row in rows:
-        if not broker.publish(row.id, row.tier, retry_policy=broker.RELAY_RETRY):
-            break
-        published.append(row.id)
-    return published
+        return outbox.publish_pending(self.jobs, self.settings)
 
 
 class Leadership:

@@ -17,14 +17,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import httpx
 from celery import Task
-from kombu import Exchange, Queue
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
 
 from tierq import broker
 from tierq.db import db_now, session_scope
@@ -41,13 +38,13 @@ from tierq.webhooks import (
     sign_headers,
     webhook_settings,
 )
+from worker import outbox
 
 log = logging.getLogger(__name__)
 app = broker.get_celery()
 # A malformed TIERQ_WEBHOOK_* variable stops the worker and relay at start, not each job's
 # end (the outbox row is written in the job's own transaction).
 webhook_settings()
-PUBLISH_BATCH = 1000
 LOG_KEEP = 50  # attempts kept in a delivery's log (the count is kept in full)
 ERROR_CHARS = 300
 
@@ -70,26 +67,6 @@ class Outcome:
 
 
 # -- the relay's part ------------------------------------------------------------------
-
-
-@lru_cache
-def _queue() -> Queue:
-    return Queue(QUEUE, Exchange(""), routing_key=QUEUE)
-
-
-def _publish(delivery_id: str) -> bool:
-    try:
-        broker.get_celery().send_task(
-            DELIVER,
-            args=[delivery_id],
-            queue=_queue(),
-            retry=True,
-            retry_policy=broker.RELAY_RETRY,
-        )
-    except Exception as exc:  # any transport error: next sweep tries again
-        log.warning("publish of webhook %s failed: %s", delivery_id, type(exc).__name__)
-        return False
-    return True
 
 
 def publish_due_deliveries(settings: WebhookSettings | None = None) -> int:
@@ -124,22 +101,7 @@ def _publish_due(settings: WebhookSettings) -> int:
             )
             .returning(WebhookDelivery.id)
         ).all()
-        due = session.scalars(
-            select(WebhookDelivery.id)
-            .where(_DUE, WebhookDelivery.published_at.is_(None))
-            .order_by(WebhookDelivery.next_attempt_at)
-            .limit(PUBLISH_BATCH)
-        ).all()
-        due += _missing_messages(session, settings, PUBLISH_BATCH - len(due))
-    published = _publish_until_failure(list(due))
-    if published:
-        with session_scope() as session:
-            session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(published))
-                .values(published_at=db_now())
-            )
-    return len(reclaimed) + len(published)
+    return len(reclaimed) + outbox.publish_pending(_outbox(settings), get_settings())
 
 
 _DUE = (WebhookDelivery.status == DeliveryStatus.PENDING) & (
@@ -147,39 +109,16 @@ _DUE = (WebhookDelivery.status == DeliveryStatus.PENDING) & (
 )
 
 
-def _missing_messages(session: Session, settings: WebhookSettings, limit: int) -> list[str]:
-    """Due deliveries published long ago whose message may be gone, as many as the queue is
-    short of the due deliveries that should have one (the relay's rule for jobs): a backlog
-    the delivery workers are still draining is not published again every period."""
-    depth = (broker.queue_depths(get_settings(), [QUEUE]) or {}).get(QUEUE)
-    if depth is None or limit <= 0:
-        return []
-    published = _DUE & WebhookDelivery.published_at.is_not(None)
-    expected = session.scalar(select(func.count()).where(published)) or 0
-    shortfall = min(expected - depth, limit)
-    if shortfall <= 0:
-        return []
-    stale = WebhookDelivery.published_at < db_now(-settings.republish_after)
-    return list(
-        session.scalars(
-            select(WebhookDelivery.id)
-            .where(published, stale)
-            .order_by(WebhookDelivery.published_at)
-            .limit(shortfall)
-        )
+def _outbox(settings: WebhookSettings) -> outbox.Outbox:
+    return outbox.Outbox(
+        table=WebhookDelivery,
+        task=DELIVER,
+        kind="webhook",
+        waiting=lambda: _DUE,
+        order=lambda: [WebhookDelivery.next_attempt_at],
+        republish_after=lambda: settings.republish_after,
+        queue_name=QUEUE,
     )
-
-
-def _publish_until_failure(due: list[str]) -> list[str]:
-    """Stop at the first failed publish: with the broker down each one waits out its
-    retries, and a thousand of them would keep the relay from reclaiming leases for
-    minutes. The rest are published on a later sweep."""
-    published = []
-    for delivery_id in due:
-        if not _publish(delivery_id):
-            break
-        published.append(delivery_id)
-    return published
 
 
 # -- the worker's part -----------------------------------------------------------------
