@@ -106,3 +106,74 @@ def make_key(url: str) -> str:
         key = create_key(session, "bench").key
     engine.dispose()
     return key
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (Linux /proc); gone ones are skipped."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended while we looked
+        parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        if Path(f"/proc/{current}").exists():
+            tree.append(current)
+        todo.extend(parents.get(current, []))
+    return tree
+
+
+def memory_bytes(pids: list[int]) -> tuple[int, int]:
+    """(RSS, PSS) summed over ``pids``, in bytes. RSS counts pages shared between forked
+    processes once per process; PSS splits them among the sharers, so its sum is the real
+    footprint of a prefork pool (0 when /proc/PID/smaps_rollup cannot be read)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue  # ended while we looked
+    return rss, pss
+
+
+def tcp_connections(pids: list[int], remote_port: int) -> int:
+    """Established TCP connections that ``pids`` hold open to ``remote_port`` (e.g. 5432:
+    how many database connections a process tree holds), from /proc: socket inodes of the
+    processes' file descriptors matched against /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue  # ended while we looked
+    if not inodes or not pids:
+        return 0
+    port = f":{remote_port:04X}"
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # fields: sl, local, remote, state (01 = ESTABLISHED), ..., inode (the 10th)
+            if fields[2].endswith(port) and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
