@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from tierq.models import Job, Turn
-from tierq.webhooks import WebhookURL
+from tierq.webhook_urls import WebhookURL
 
 Role = Literal["system", "user", "assistant"]
 

@@ -211,7 +211,7 @@ def test_parked_count_and_age_of_the_oldest(client: TestClient) -> None:
 def test_no_parked_job_means_age_zero() -> None:
     from datetime import UTC, datetime
 
-    from tierq.metrics import _age_seconds
+    from tierq.metric_queries import _age_seconds
 
     assert _age_seconds(None, datetime.now(UTC)) == 0.0
 

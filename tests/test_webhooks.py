@@ -480,7 +480,7 @@ def test_a_redirect_is_not_followed_and_the_attempt_is_logged(
 
 
 def test_non_public_addresses() -> None:
-    from tierq.webhooks import _non_public
+    from tierq.webhook_urls import _non_public
 
     for address, reason in [
         ("127.0.0.1", "loopback"),
@@ -500,7 +500,8 @@ def test_non_public_addresses() -> None:
 
 
 def test_delivery_connects_to_the_checked_address() -> None:
-    from tierq.webhooks import UnsafeWebhookURL, WebhookSettings, pin
+    from tierq.webhook_urls import UnsafeWebhookURL, pin
+    from tierq.webhooks import WebhookSettings
 
     pinned = pin("https://93.184.215.14:8443/a/b?c=d", WebhookSettings())
     assert pinned.url == "https://93.184.215.14:8443/a/b?c=d"

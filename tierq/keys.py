@@ -14,7 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tierq.models import ApiKey
-from tierq.webhooks import check_url, new_secret
+from tierq.webhook_urls import check_url
+from tierq.webhooks import new_secret
 
 KEY_PREFIX = "tq_"
 
@@ -42,7 +43,7 @@ def create_key(
     cancel_on_disconnect: bool = False,
 ) -> CreatedKey:
     """``webhook_url``: where this key's jobs are announced when they name no URL of their
-    own; checked like a job's (raises tierq.webhooks.UnsafeWebhookURL, a ValueError)."""
+    own; checked like a job's (raises tierq.webhook_urls.UnsafeWebhookURL, a ValueError)."""
     if webhook_url is not None:
         check_url(webhook_url)
     key = KEY_PREFIX + secrets.token_urlsafe(32)

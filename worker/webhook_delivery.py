@@ -27,14 +27,13 @@ from tierq import broker
 from tierq.db import db_now, session_scope
 from tierq.models import ApiKey, WebhookDelivery
 from tierq.settings import get_settings
+from tierq.webhook_urls import UnsafeWebhookURL, pin
 from tierq.webhooks import (
     DELIVER,
     QUEUE,
     DeliveryStatus,
-    UnsafeWebhookURL,
     WebhookSettings,
     backoff,
-    pin,
     sign_headers,
     webhook_settings,
 )

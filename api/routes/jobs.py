@@ -22,7 +22,7 @@ from api.submit import accept
 from tierq import transitions
 from tierq.db import session_scope
 from tierq.models import TERMINAL_STATUSES, Job, JobStatus
-from tierq.webhooks import UnsafeWebhookURL, check_url
+from tierq.webhook_urls import UnsafeWebhookURL, check_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
