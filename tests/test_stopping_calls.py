@@ -680,13 +680,7 @@ def test_the_minimal_tier_serves_no_cached_answer_of_a_retired_backend(dep: Depl
     assert sim(d, "cpu-sim").received("POST /api/chat") >= 3
 
 
-# -- known bug: a cancelled job whose call ends by itself keeps its slot -----------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/runner.py: a cancelled job whose call ends by itself (an answer or an "
-    "error the lease keeper did not stop in time) is never let go: its call slot counts "
-    "until its lease runs out (TIERQ_LEASE_SECONDS, 30 s by default)",
-)
+# -- a cancelled job whose call ended by itself frees its slot ---------------------------
 @pytest.mark.parametrize("ends_with", ["an answer", "an error"])
 def test_a_cancelled_job_whose_call_ended_by_itself_frees_its_slot(
     env: dict[str, str], ends_with: str

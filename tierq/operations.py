@@ -35,7 +35,8 @@ def set_disabled(
         row = Backend(name=name, tier=config.tier_of(name).name)
         session.add(row)
     row.disabled = disabled
-    row.retired = disabled and now
+    # Only enable ends a retirement: a plain disable after --now keeps it retired.
+    row.retired = (row.retired or now) if disabled else False
     session.flush()
     session.execute(update(Backend).where(Backend.name == name).values(updated_at=db_now()))
     return row

@@ -181,6 +181,18 @@ def _record_trial(
             )
 
 
+def release_trial(session: Session, permit: Permit) -> None:
+    """A half-open trial call that was stopped (cancelled, retired, the worker stopping)
+    says nothing about the backend: its trial slot is free for the next call at once,
+    counted neither as a success nor as a failure."""
+    if permit.trial:
+        session.execute(
+            update(Backend)
+            .where(Backend.name == permit.backend, Backend.circuit == Circuit.HALF_OPEN)
+            .values(trial_until=None)
+        )
+
+
 def count_retry(session: Session, backend: str) -> None:
     session.execute(
         update(Backend)

@@ -218,7 +218,11 @@ class JobRunner:
                 healthy = not outcome.error_class.retryable
                 breaker = self.config.breaker_for(name)
                 circuit.record(session, route.permit, healthy, breaker, reason=str(outcome))
+            else:
+                circuit.release_trial(session, route.permit)  # a stopped call says nothing
             leases.end_call(session, claimed.lease)
+            # Cancelled while the call was ending by itself: its slot is free only now.
+            leases.let_go(session, claimed.lease)
             decision = decide(outcome, snapshot(session, self.config, claimed, route.backend))
             return apply(session, self.config, claimed, decision, backend=name)
 
@@ -250,6 +254,8 @@ class JobRunner:
                 quality=quality, cache_key=minimal.cache_key(claimed.original), count_attempt=True,
             )  # fmt: skip
             waiting = transitions.successors(session, job.id) if answered else []
+            if not answered:  # cancelled meanwhile: the call has ended, its slot is free now
+                leases.let_go(session, claimed.lease)
             crash_point("worker.before_commit")
         if not answered:
             log.warning("job %s: lease lost before the answer was saved", job.id)
