@@ -79,10 +79,10 @@ def worker(tier: str, calls: int | None, name: str | None, loglevel: str) -> Non
         raise click.BadParameter(f"no tier '{tier}' in {config.tier_names}", param_hint="--tier")
     from worker.celery_app import app
 
-    # Celery's SIGTERM is a warm shutdown that waits for running jobs without limit; as a
-    # cold shutdown it first runs the soft shutdown (worker_soft_shutdown_timeout), then
-    # requeues what is unacked. Orchestrators send SIGTERM, so make it mean that.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    # SIGTERM is Celery's warm shutdown: it stops taking messages and waits for the jobs
+    # running. tierq bounds that wait itself (worker.celery_app: the calls still in flight
+    # after worker_soft_shutdown_timeout - 2 s are stopped and their jobs handed back), so the
+    # cold shutdown, which cannot stop a threads pool's tasks, is not needed.
     os.environ["TIERQ_WORKER_TIER"] = tier
     app.worker_main(
         [

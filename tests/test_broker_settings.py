@@ -117,8 +117,18 @@ def test_a_running_worker_has_the_durability_settings(tmp_path: Path) -> None:
     with deployment(tmp_path, env={"TIERQ_VISIBILITY_TIMEOUT": "5400"}) as d:
         d.stack.worker("gpu")
         with d.celery() as app:
-            replies = app.control.inspect(timeout=10, limit=1).conf(with_defaults=True) or {}
-    assert len(replies) == 1 and next(iter(replies)).startswith("gpu@"), replies
+            inspect = app.control.inspect(timeout=10, limit=1)
+            replies = inspect.conf(with_defaults=True) or {}
+            stats = inspect.stats() or {}
+    # A unique name per worker (two workers of a tier may share a host), on the threads
+    # pool sized to the tier's total call slots.
+    assert len(replies) == 1 and next(iter(replies)).startswith("gpu-"), replies
+    pool = next(iter(stats.values()))["pool"]
+    assert pool["implementation"].endswith("thread:TaskPool"), pool
+    assert (
+        pool["max-concurrency"]
+        == load_config(d.config_file).tier("gpu").backends[0].max_concurrency
+    )
     conf = next(iter(replies.values()))
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
@@ -147,13 +157,11 @@ def _claims(d: Deployment, job_id: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_mid_job_hands_the_job_to_another_worker(tmp_path: Path) -> None:
-    """An orchestrator stopping a worker (SIGTERM) mid-call: the soft shutdown gives the
-    call its time, then requeues its message; another worker answers the job once, long
-    before the broker's visibility timeout would have brought it back.
-
-    The stopping worker gives the cut-off call's lease back as it exits, so the job does
-    not wait for that lease (a minute here) to run out, and the stop is not counted as a
-    crash (no lost lease)."""
+    """An orchestrator stopping a worker (SIGTERM) mid-call: the warm shutdown gives the
+    call its time (worker_soft_shutdown_timeout minus a margin), then the worker stops the
+    call and hands its job back to the queue itself; another worker answers it once, long
+    before the broker's visibility timeout or the job's lease (a minute here) would have
+    brought it back, and the stop is not counted as a crash (no lost lease)."""
     app = Celery("check", set_as_current=False)
     configure(app, Settings())
     soft = float(app.conf.worker_soft_shutdown_timeout)
@@ -193,7 +201,8 @@ def test_sigterm_mid_job_hands_the_job_to_another_worker(tmp_path: Path) -> None
     assert result.statuses == {"succeeded": 1}
     # Claimed by the stopping worker, then answered by the other one.
     assert len(claims) == 2 and claims[0] != claims[1], claims
-    assert "Restoring 1 unacknowledged message" in stopping.output(), stopping.output()
+    # The call was stopped and the job handed back by the stopping worker itself.
+    assert "stopped (shutdown)" in stopping.output(), stopping.output()
     assert took < soft + 30 < Settings().visibility_timeout
     assert handed_over < lease / 4, f"waited {handed_over:.1f}s after the worker exited"
     assert sum(requeued.values()) == 1 and lost_leases == 0, (requeued, lost_leases)

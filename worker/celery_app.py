@@ -60,9 +60,10 @@ def _runner(worker_node: str) -> JobRunner:
 
 @worker_shutting_down.connect
 def _hand_over_at_shutdown(**_: Any) -> None:
-    """SIGTERM: Celery's soft shutdown lets calls finish for a while; just before it ends,
-    the calls still in flight are stopped and their jobs handed back to the queue (each
-    thread does it for its own lease), so no job waits for a lease to run out."""
+    """SIGTERM (Celery's warm shutdown, which waits for running tasks): calls may finish
+    for ``worker_soft_shutdown_timeout`` minus a margin; then the calls still in flight are
+    stopped and each job's thread hands its job back to the queue (its own lease only), so
+    the worker exits soon and no job waits for a lease to run out."""
     runner = _process.runner
     if runner is None:
         return
