@@ -254,23 +254,46 @@ def _status(d: Deployment, job_id: str) -> str:
 
 
 @pytest.mark.parametrize("mode", BOTH_MODES)
-def test_pool_child_killed_mid_call(tmp_path: Path, mode: str) -> None:
+def test_worker_process_killed_mid_call(tmp_path: Path, mode: str) -> None:
+    """The worker process killed (SIGKILL) while its calls are in flight. Its calls run in
+    threads of that one process (there are no pool children): they die with it, the backend
+    sees them aborted, their leases run out, the relay re-queues them, a new worker answers
+    them once, and the jobs still waiting in the broker too."""
     with deployment(tmp_path, mode) as d:
         d.stack.api()
         d.stack.relay()
-        worker = d.stack.worker("gpu", calls=2)
+        worker = d.stack.worker("gpu", calls=4)
         d.fault("gpu-sim", latency_ms=2500)
         with d.client() as client:
             for i in range(8):
                 assert d.submit(client, f"job {i}").status_code == 202
-        wait_until(lambda: running_count(d) >= 2, 20, what="jobs running")
-        children = worker.pool_children()
-        assert children
-        os.kill(children[0], signal.SIGKILL)
+
+        def stats() -> dict[str, int]:
+            return httpx.get(f"{d.simulators['gpu-sim']}/_sim/stats").json()  # type: ignore[no-any-return]
+
+        def calling() -> set[str]:
+            rows = {j: d.job(j) for j in d.jobs}
+            return {j for j, r in rows.items() if r["status"] == "running" and r["calling_backend"]}
+
+        wait_until(
+            lambda: stats()["in_flight"] >= 4 and len(calling()) >= 4, 20, what="4 calls in flight"
+        )
+        interrupted, aborted = calling(), stats()["aborted"]
+        os.kill(worker.popen.pid, signal.SIGKILL)  # the process: its threads and calls with it
+        worker.popen.wait(10)
+        wait_until(
+            lambda: stats()["aborted"] - aborted == len(interrupted),
+            10,
+            what="the backend to see the killed calls aborted",
+        )
         d.fault("gpu-sim", latency_ms=200)
+        d.stack.worker("gpu", calls=4)
         assert_kept_promise(d)
         assert_recovered_from_a_lost_lease(d)
-        assert worker.alive()
+        # Exactly the calls in flight at the kill were recovered through a lost lease.
+        lost = {j for j, n in per_job(d, "lost_leases").items() if n >= 1}
+        assert lost == interrupted, (lost, interrupted)
+        assert set(d.events("requeued")) == interrupted
 
 
 @pytest.mark.parametrize("mode", BOTH_MODES)
@@ -397,11 +420,9 @@ def test_worker_dies_between_the_answer_and_its_commit(tmp_path: Path, point: st
         crashing = d.stack.worker("gpu", calls=1, TIERQ_CRASH_AT=point)
         with d.client() as client:
             victim = d.submit(client, "the victim").json()["id"]
-        wait_until(
-            lambda: "exitcode 137" in crashing.output(), 30, what=f"a pool child to die at {point}"
-        )
-        # Stop it before the relay hands the job back to it for another crash.
-        crashing.kill_group(signal.SIGKILL)
+        # The worker process itself dies there (its calls run on threads, not pool children).
+        wait_until(lambda: not crashing.alive(), 30, what=f"the worker to die at {point}")
+        assert crashing.popen.returncode == 137
         assert d.calls("gpu-sim") == 1
         job = d.job(victim)
         # The answer died with the worker, and so did its turn (the ledger would see it).

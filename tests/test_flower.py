@@ -32,7 +32,7 @@ def test_flower_shows_tier_queues_workers_and_tasks(tmp_path: Path) -> None:
         with d.client() as client:
             job = d.submit(client).json()
             client.get(f"/v1/jobs/{job['id']}", params={"wait": 20})
-        wanted = ('flower_worker_online{worker="gpu@', 'flower_events_total{task="tierq.run_job"')
+        wanted = ('flower_worker_online{worker="gpu-', 'flower_events_total{task="tierq.run_job"')
 
         def shown() -> bool:
             metrics = httpx.get(f"{base}/metrics").text
