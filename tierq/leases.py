@@ -89,7 +89,8 @@ _START_CALL = (
         .scalar_subquery()
         < bindparam("p_cap", type_=Integer()),
     )
-    .values(calling_backend=param("p_backend", "calling_backend"))
+    # The lease starts again here: the wait for the slot locks is not the call's time.
+    .values(calling_backend=param("p_backend", "calling_backend"), lease_expires_at=db_now(SECONDS))
     .returning(jobs.c.id)
 )
 _END_CALL = update(jobs).where(HOLDS_LEASE).values(calling_backend=None)
@@ -135,14 +136,17 @@ def claim_and_load(
     return Lease(job_id, token, owner), job, time_left
 
 
-def start_call(session: Session, lease: Lease, backend: str, cap: int) -> bool:
+def start_call(
+    session: Session, lease: Lease, backend: str, cap: int, seconds: float = 30.0
+) -> bool:
     """Take one of ``backend``'s ``cap`` call slots for this job, if one is free.
 
     The count is part of the conditional UPDATE; two workers can still both see a free
     slot under Postgres's READ COMMITTED, so the caller holds the backend's slot lock
     (routing.choose), which serializes slot-taking per backend.
     """
-    taken = session.scalar(_START_CALL, {**lease_params(lease), "p_backend": backend, "p_cap": cap})
+    params = {**lease_params(lease), "p_backend": backend, "p_cap": cap, "p_seconds": seconds}
+    taken = session.scalar(_START_CALL, params)
     return taken is not None
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Boolean, Float, Integer, bindparam, case, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from tierq.config import BreakerConfig, TierqConfig
@@ -30,13 +32,20 @@ class Permit:
 
 
 def ensure_rows(session: Session, config: TierqConfig) -> None:
-    """A row per configured backend (new backends start closed and healthy-unknown)."""
+    """A row per configured backend (new backends start closed and healthy-unknown).
+    Workers may race to create the same row: the second insert does nothing."""
     known = set(session.scalars(select(Backend.name)))
-    for tier in config.tiers:
-        for backend in tier.backends:
-            if backend.name not in known:
-                session.add(Backend(name=backend.name, tier=tier.name))
-    session.flush()
+    missing = [
+        {"name": backend.name, "tier": tier.name}
+        for tier in config.tiers
+        for backend in tier.backends
+        if backend.name not in known
+    ]
+    if not missing:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_ = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert_(Backend).values(missing).on_conflict_do_nothing())
 
 
 def _transition(session: Session, backend: str, old: Circuit, new: Circuit, reason: str) -> None:

@@ -110,7 +110,7 @@ def _lock_slots(session: Session, backends: list[BackendConfig]) -> None:
 
 
 # Built once: each backend's row, the database's time and the backend's calls in flight,
-# in one read taken after the slot locks (its snapshot then sees every slot taken before).
+# in one read (without the slot locks: it orders the candidates, start_call decides).
 _in_flight_here = (
     select(func.count())
     .where(leases.in_flight(Job), Job.calling_backend == Backend.name)
@@ -138,7 +138,6 @@ def _rows(
 def _candidates(
     session: Session, config: TierqConfig, wanted: list[BackendConfig]
 ) -> list[_Candidate]:
-    _lock_slots(session, wanted)
     rows, now = _rows(session, config, wanted)
     if now is None:
         return []
@@ -156,25 +155,35 @@ def choose(
     tier: TierConfig,
     lease: leases.Lease,
     pinned: str | None = None,
+    lease_seconds: float = 30.0,
 ) -> Route | Full | None:
     """A backend of ``tier`` to call now, with its breaker permit and a call slot taken for
     ``lease``'s job (give it back with ``leases.end_call``). Full: every backend that would
-    take a call is at its cap. None: nothing in the tier is alive."""
+    take a call is at its cap. None: nothing in the tier is alive. The lease runs
+    ``lease_seconds`` from the moment the slot is taken (waiting for the locks is not
+    the call's time).
+
+    The rows and counts are read without a lock (they order the candidates); the slot locks
+    are taken only then, and the caller commits right after: every worker's claim of this
+    tier waits on them, so they are held for as few statements as possible."""
     wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
     candidates = _candidates(session, config, wanted)
     full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == Circuit.CLOSED]
-    for candidate in _ordered([c for c in candidates if c.has_slot]):
+    ordered = _ordered([c for c in candidates if c.has_slot])
+    locked = False
+    for candidate in ordered:
         backend = candidate.config
-        if not leases.start_call(session, lease, backend.name, candidate.cap):
-            full.append(backend.name)  # taken since we counted (no advisory lock on SQLite)
+        breaker = config.breaker_for(backend.name)
+        trial_seconds = backend.read_timeout + backend.connect_timeout
+        permit = circuit.acquire(session, candidate.row, breaker, trial_seconds=trial_seconds)
+        if permit is None:
             continue
-        permit = circuit.acquire(
-            session,
-            candidate.row,
-            config.breaker_for(backend.name),
-            trial_seconds=backend.read_timeout + backend.connect_timeout,
-        )
-        if permit is not None:
+        if not locked:
+            _lock_slots(session, [c.config for c in ordered])
+            locked = True
+        # The count in this UPDATE is read after the locks: it sees every slot taken before.
+        if leases.start_call(session, lease, backend.name, candidate.cap, lease_seconds):
             return Route(backend, permit)
-        leases.end_call(session, lease)
+        full.append(backend.name)
+        circuit.release_trial(session, permit)
     return Full(tuple(full)) if full else None

@@ -127,7 +127,12 @@ class JobRunner:
             return Expired()
         job = claimed.job
         route = routing.choose(
-            session, self.config, claimed.tier, claimed.lease, job.pinned_backend
+            session,
+            self.config,
+            claimed.tier,
+            claimed.lease,
+            job.pinned_backend,
+            lease_seconds=self.settings.lease_seconds,
         )
         if isinstance(route, routing.Full):
             return TierFull(route.backends)
@@ -247,8 +252,6 @@ class JobRunner:
                 outcome="ok",
                 latency_ms=latency,
             )
-            breaker = self.config.breaker_for(name)
-            circuit.record(session, route.permit, True, breaker, latency_ms=latency)
             answered = transitions.succeed(
                 session, claimed.lease, job, result, backend=name, model=answer.model,
                 quality=quality, cache_key=minimal.cache_key(claimed.original), count_attempt=True,
@@ -256,6 +259,9 @@ class JobRunner:
             waiting = transitions.successors(session, job.id) if answered else []
             if not answered:  # cancelled meanwhile: the call has ended, its slot is free now
                 leases.let_go(session, claimed.lease)
+            # Last: the backend's row is every call's, and its lock is held until the commit.
+            breaker = self.config.breaker_for(name)
+            circuit.record(session, route.permit, True, breaker, latency_ms=latency)
             crash_point("worker.before_commit")
         if not answered:
             log.warning("job %s: lease lost before the answer was saved", job.id)
