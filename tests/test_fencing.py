@@ -128,6 +128,15 @@ def _expire_and_reclaim(lease: claim.Lease) -> None:
         )
     relay = Relay(load_config(), get_settings())
     assert relay._reclaim_expired() >= 1
+    # It waits a random part of a third of a lease (its crashed neighbours wait apart from
+    # it), then the relay makes it queued again.
+    job = _job(lease.job_id)
+    assert job.status == JobStatus.RETRY_WAIT and job.lost_leases == 1
+    with session_scope() as session:
+        session.execute(
+            Job.__table__.update().where(Job.id == lease.job_id).values(due_at=db_now(-1))
+        )
+    assert relay._wake_due() >= 1
     assert _job(lease.job_id).status == JobStatus.QUEUED
 
 

@@ -133,12 +133,37 @@ def test_expired_lease_counts_a_lost_lease_not_a_delivery() -> None:
     assert relay.sweep()["expired"] == 2
 
     requeued = job(retried_often)
-    assert (requeued.status, requeued.lost_leases, requeued.deliveries) == ("queued", 1, 12)
+    # Back in line after a random part of a third of its lease (see the test below).
+    assert requeued.status in ("queued", "retry_wait"), requeued.status
+    assert (requeued.lost_leases, requeued.deliveries) == (1, 12)
     assert requeued.lease_token is None and events(retried_often)[-1] == "requeued"
     dead = job(poison)
     assert (dead.status, dead.lost_leases) == ("dead", 3)
     assert "poison" in dead.error and "3 times" in dead.error
     assert events(poison)[-1] == "dead"
+
+
+def test_jobs_of_a_dead_worker_come_back_apart_not_together() -> None:
+    """One job that kills its worker takes its neighbours' leases with it, all expiring at
+    once. Requeued together, they would be claimed together with the culprit and die with
+    it again, until they too counted as poison. Each waits a random part of a third of its
+    lease instead (on the database clock)."""
+    config = make_config([{}])
+    tier = config.tier_names[0]
+    lease = 30.0
+    relay = relay_for(config, max_deliveries=3, lease_seconds=lease)
+    ids = add_jobs(*[{"status": "running", "tier": tier, "lost_leases": 0}] * 20)
+    for job_id in ids:
+        update_job(job_id, lease_expires_at=ago(1), lease_token=uuid.uuid4(), lease_owner="w")
+    from tierq.db import db_now, session_scope
+
+    with session_scope() as session:
+        now = session.scalar(select(db_now()))
+    assert relay._reclaim_expired() == 20
+    waits = [(job(j).due_at - now).total_seconds() for j in ids]
+    assert all(job(j).status == "retry_wait" for j in ids)
+    assert all(-0.5 < wait <= lease / 3 + 0.5 for wait in waits), waits
+    assert len({round(wait, 2) for wait in waits}) > 10, waits  # spread, not one instant
 
 
 def test_live_lease_is_left_alone() -> None:

@@ -12,7 +12,16 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, Dialect, Engine, TypeDecorator, create_engine, event
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    TypeDecorator,
+    create_engine,
+    event,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement
@@ -73,6 +82,24 @@ def _sqlite_now(element: db_now, compiler: Any, **kw: Any) -> str:
     args = list(element.clauses)
     offset = f", ({compiler.process(args[0], **kw)}) || ' seconds'" if args else ""
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now'{offset})"
+
+
+class db_random(FunctionElement[Any]):
+    """A uniform draw in [0, 1) per row, made by the database (a jitter in one statement)."""
+
+    type = Float()
+    inherit_cache = True
+    name = "db_random"
+
+
+@compiles(db_random, "postgresql")
+def _pg_random(element: db_random, compiler: Any, **kw: Any) -> str:
+    return "random()"
+
+
+@compiles(db_random, "sqlite")
+def _sqlite_random(element: db_random, compiler: Any, **kw: Any) -> str:
+    return "((abs(random()) % 1000000) / 1000000.0)"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from tierq.db import db_now
+from tierq.db import db_now, db_random
 from tierq.events import notify_job_changed, record_event
 from tierq.leases import HOLDS_LEASE, IS_LEASE, Lease, jobs, lease_params, param
 from tierq.models import ACTIVE_STATUSES, Attempt, Job, JobStatus, Turn
@@ -274,9 +274,16 @@ def release_parked(session: Session, ids: list[uuid.UUID], tier: str, by: str) -
 # -- the relay's ---------------------------------------------------------------------------
 
 
-def requeue_expired(session: Session, limit: int) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+def requeue_expired(
+    session: Session, limit: int, stagger: float = 0.0
+) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     """Running jobs whose lease ran out: their worker died (or stalled past it). Counted on
-    the job; at ``limit`` it is a poison job and dead. Returns (dead, requeued)."""
+    the job; at ``limit`` it is a poison job and dead. Returns (dead, requeued).
+
+    A worker process runs many calls: when one job kills it, its neighbours' leases run out
+    with the culprit's, all at once. Each waits a random part of ``stagger`` seconds
+    (retry_wait) before it runs again, so they are not claimed again together with the
+    culprit, to die beside it until they too look like poison jobs."""
     expired = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < db_now())
     lost = {"lost_leases": Job.lost_leases + 1, "updated_at": db_now(), **_RELEASED}
     dead = session.scalars(
@@ -293,11 +300,11 @@ def requeue_expired(session: Session, limit: int) -> tuple[list[uuid.UUID], list
     for job_id in dead:
         record_event(session, job_id, "dead", reason="poison job")
         notify_job_changed(session, job_id)
+    again = {"status": JobStatus.QUEUED, "published_at": None}
+    if stagger > 0:
+        again = {"status": JobStatus.RETRY_WAIT, "due_at": db_now(db_random() * stagger)}
     requeued = session.scalars(
-        update(Job)
-        .where(expired)
-        .values(status=JobStatus.QUEUED, published_at=None, **lost)
-        .returning(Job.id)
+        update(Job).where(expired).values(**again, **lost).returning(Job.id)
     ).all()
     for job_id in requeued:
         record_event(session, job_id, "requeued", reason="lease expired")

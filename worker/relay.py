@@ -102,7 +102,9 @@ class Relay:
         job, whose worker dying every time makes it a poison job. Claims themselves
         (retries, escalations, replays) do not count."""
         with session_scope() as session:
-            dead, requeued = transitions.requeue_expired(session, self.settings.max_deliveries)
+            dead, requeued = transitions.requeue_expired(
+                session, self.settings.max_deliveries, stagger=self.settings.lease_seconds / 3
+            )
         for job_id in dead:
             log.error("job %s is dead: its worker died on every delivery", job_id)
         return len(dead) + len(requeued)
