@@ -60,6 +60,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    cpu_seconds,
     make_key,
     memory_bytes,
     process_tree,
@@ -108,6 +109,7 @@ class Phase:
     idle_memory: tuple[int, int] = (0, 0)
     peak_memory: tuple[int, int] = (0, 0)
     peak_db_connections: int = 0  # the measured process tree's, to Postgres
+    server_cpu: float = 0.0  # CPU seconds of the measured process (proxy, or tierq's worker)
 
     @property
     def unfinished(self) -> int:
@@ -320,7 +322,9 @@ def run_proxy(args: argparse.Namespace, sim_url: str, logs: Path) -> Phase:
         httpx.post(f"{url}/v1/chat/completions", json=BODY, timeout=30).raise_for_status()
         reset_stats(sim_url)
         phase.idle_memory = memory_bytes(process_tree(proxy.pid))
+        cpu = cpu_seconds(proxy.pid)
         asyncio.run(drive(phase, proxy_call(url, phase.retried), args, sim_url, None, proxy.pid))
+        phase.server_cpu = cpu_seconds(proxy.pid) - cpu
     finally:
         kill(proxy)
     return phase
@@ -355,7 +359,9 @@ def run_tierq(
         phase.idle_memory = memory_bytes(process_tree(worker.pid))
         call = (chat_call if kind == "chat" else jobs_call)(url, phase.retried)
         headers = {"Authorization": f"Bearer {key}"}
+        cpu = cpu_seconds(worker.pid)
         asyncio.run(drive(phase, call, args, sim_url, headers, worker.pid))
+        phase.server_cpu = cpu_seconds(worker.pid) - cpu
     finally:
         for process in processes:
             kill(process)
@@ -437,6 +443,13 @@ def report(args: argparse.Namespace, phases: list[Phase]) -> bool:
         ),
     )
     row("load generator CPU, % of one core", lambda p: f"{p.client_cpu / p.seconds * 100:.0f}")
+    # A worker is one process: at C ms of CPU per call it sustains at most 1000 / C calls a
+    # second, so calls of d seconds fill at most d * 1000 / C slots.
+    row(
+        "proxy / worker CPU per call, ms",
+        lambda p: f"{p.server_cpu / max(p.completed, 1) * 1000:.1f}",
+    )
+    row("proxy / worker CPU, % of one core", lambda p: f"{p.server_cpu / p.seconds * 100:.0f}")
     row(
         "RSS idle -> peak, MiB",
         lambda p: f"{mib(p.idle_memory[0]):.0f} -> {mib(p.peak_memory[0]):.0f}",
