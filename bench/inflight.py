@@ -404,8 +404,9 @@ def report(args: argparse.Namespace, phases: list[Phase]) -> bool:
     baseline = phases[0]
     worker = " ".join(["tierq worker --tier gpu", args.worker_args]).strip()
     print(
-        f"calls in flight: backend {LATENCY_MS} ms per call, cap (max_concurrency) {args.cap}, "
-        f"{args.clients} clients, {args.total} calls per phase, one worker ({worker})"
+        f"calls in flight: backend {args.latency_ms} ms per call, "
+        f"cap (max_concurrency) {args.cap}, {args.clients} clients, "
+        f"{args.total} calls per phase, one worker ({worker})"
     )
 
     def row(label: str, cell: Callable[[Phase], str]) -> None:
@@ -509,6 +510,12 @@ def _num(value: float, digits: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=int, default=64, help="the backend's max_concurrency")
+    parser.add_argument(
+        "--latency-ms",
+        type=int,
+        default=LATENCY_MS,
+        help="how long the backend takes per call (longer calls need less CPU per slot)",
+    )
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--total", type=int, default=2048, help="calls per phase")
     parser.add_argument(
@@ -561,12 +568,12 @@ def main() -> None:
     try:
         sim = spawn(
             [PY, "-m", "cli", "simulate", "--backend", f"sim={sim_port}"],
-            {"TIERQ_SIM_FAULTS": f'{{"latency_ms": {LATENCY_MS}}}'},
+            {"TIERQ_SIM_FAULTS": f'{{"latency_ms": {args.latency_ms}}}'},
             logs / "sim.log",
         )
         wait_http(f"{sim_url}/_sim/state")
         state = httpx.get(f"{sim_url}/_sim/state").json()
-        assert state["faults"]["latency_ms"] == LATENCY_MS, state
+        assert state["faults"]["latency_ms"] == args.latency_ms, state
         phases.append(run_proxy(args, sim_url, logs))
         for kind in ("chat", "jobs"):
             if kind in wanted:
