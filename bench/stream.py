@@ -76,7 +76,7 @@ def main() -> None:
                 "worker",
                 "--tier",
                 "gpu",
-                "--concurrency",
+                "--calls",
                 "1",
                 "--loglevel",
                 "WARNING",

@@ -117,7 +117,7 @@ def bench_end_to_end(env: dict[str, str], logs: Path, key: str, sim_url: str, ro
                 "worker",
                 "--tier",
                 "gpu",
-                "--concurrency",
+                "--calls",
                 "1",
                 "--loglevel",
                 "WARNING",
