@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         3600, gt=0, description="Redis transport: seconds before an unacked message returns."
     )
     long_poll_max: float = Field(60.0, gt=0)
+    db_pool_size: int = Field(
+        10, ge=1, description="Database connections a process keeps open (Postgres)."
+    )
+    db_max_overflow: int = Field(
+        20, ge=0, description="Connections a process may open beyond db_pool_size under load."
+    )
     chat_wait_seconds: float = Field(
         60.0,
         ge=0,
