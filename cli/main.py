@@ -15,9 +15,6 @@ from tierq.settings import get_settings
 
 # Webhook deliveries in flight per webhooks worker (receivers are slow, not batched).
 WEBHOOK_DELIVERIES = 8
-# A worker's database connections (TIERQ_DB_POOL_SIZE / TIERQ_DB_MAX_OVERFLOW override).
-WORKER_DB_POOL = 8
-WORKER_DB_OVERFLOW = 4
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,12 +73,6 @@ def api(host: str | None, port: int | None, workers: int, keep_alive: int) -> No
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(tier: str, calls: int | None, name: str | None, loglevel: str) -> None:
     """Run a Celery worker for one tier (e.g. --tier gpu on a GPU box)."""
-    # A job holds a connection only for its two short transactions, never during its call:
-    # a few connections serve a worker's calls, and a deployment's workers together stay
-    # within Postgres's max_connections (100 by default).
-    os.environ.setdefault("TIERQ_DB_POOL_SIZE", str(WORKER_DB_POOL))
-    os.environ.setdefault("TIERQ_DB_MAX_OVERFLOW", str(WORKER_DB_OVERFLOW))
-    get_settings.cache_clear()
     settings = get_settings()
     config = _config_or_exit(settings.config)
     if tier not in (*config.tier_names, "webhooks"):  # "webhooks": the delivery queue
