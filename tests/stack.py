@@ -71,15 +71,11 @@ class Process:
         return self.popen.poll() is None
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group: a Celery worker and its pool children."""
+        """Signal the whole process group (a process and any children it started)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             self.popen.wait(30)
-
-    def pool_children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in out.stdout.split()]
 
 
 class Stack:

@@ -15,7 +15,7 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import select
 
-from tests.deployment import Deployment, backend, deployment, tier
+from tests.deployment import FAST_TIMINGS, Deployment, backend, deployment, tier
 from tests.services import RedisServer, wait_until
 from tierq.broker import configure
 from tierq.config import load_config
@@ -163,7 +163,9 @@ def test_sigterm_mid_job_hands_the_job_to_another_worker(tmp_path: Path) -> None
     before the broker's visibility timeout or the job's lease (a minute here) would have
     brought it back, and the stop is not counted as a crash (no lost lease)."""
     app = Celery("check", set_as_current=False)
-    configure(app, Settings())
+    # The deployment's workers run with the tests' grace (TIERQ_SHUTDOWN_GRACE), read back
+    # through the same configure() they use.
+    configure(app, Settings(shutdown_grace=float(FAST_TIMINGS["TIERQ_SHUTDOWN_GRACE"])))
     soft = float(app.conf.worker_soft_shutdown_timeout)
     call = soft + 5  # outlasts the soft shutdown: the job cannot finish where it started
     lease = 60.0  # far longer than the hand-over may take

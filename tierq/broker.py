@@ -79,7 +79,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_publish_retry_policy=FAST_PATH_RETRY,
         # On SIGTERM, stop taking work and requeue unacked messages instead of letting them
         # wait out the visibility timeout (Celery >= 5.5).
-        worker_soft_shutdown_timeout=10.0,
+        worker_soft_shutdown_timeout=settings.shutdown_grace,
         worker_enable_soft_shutdown_on_idle=True,
         # Publish by queue name through the default exchange: nothing depends on
         # _kombu.binding.* keys, which a Redis flush erases.

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         3600, gt=0, description="Redis transport: seconds before an unacked message returns."
     )
     long_poll_max: float = Field(60.0, gt=0)
+    shutdown_grace: float = Field(
+        10.0,
+        gt=2,
+        description="Seconds a stopping worker (SIGTERM) gives its calls before it stops the "
+        "ones still in flight (2 s before it ends) and hands their jobs back.",
+    )
     db_pool_size: int = Field(
         10, ge=1, description="Database connections a process keeps open (Postgres)."
     )
