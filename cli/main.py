@@ -84,6 +84,9 @@ def worker(tier: str, calls: int | None, name: str | None, loglevel: str) -> Non
     # after worker_soft_shutdown_timeout - 2 s are stopped and their jobs handed back), so the
     # cold shutdown, which cannot stop a threads pool's tasks, is not needed.
     os.environ["TIERQ_WORKER_TIER"] = tier
+    # An environment carried over from the prefork worker (REMAP_SIGTERM=SIGQUIT) would turn
+    # SIGTERM into the cold shutdown, which fails on the threads pool and hands nothing over.
+    os.environ.pop("REMAP_SIGTERM", None)
     app.worker_main(
         [
             "worker",
