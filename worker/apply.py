@@ -9,7 +9,7 @@ from typing import assert_never
 
 from sqlalchemy.orm import Session
 
-from tierq import leases, transitions
+from tierq import transitions
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.leases import Lease
 from tierq.models import Backend, Job
@@ -92,7 +92,7 @@ def apply(
         case HandOver(reason=reason):
             transitions.hand_over(session, lease, reason)
         case Drop():
-            leases.let_go(session, lease)
+            pass  # not ours any more; a cancelled job's slot is let go by the caller
         case _:
             assert_never(decision)
     return None

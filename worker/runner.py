@@ -234,8 +234,8 @@ class JobRunner:
                 circuit.record(session, route.permit, healthy, breaker, reason=str(outcome))
             else:
                 circuit.release_trial(session, route.permit)  # a stopped call says nothing
-            leases.end_call(session, claimed.lease)
-            # Cancelled while the call was ending by itself: its slot is free only now.
+            # The call has ended. On a job that ended meanwhile (cancelled) the slot and lease
+            # are freed here; on one still ours, the decision's transition frees them.
             leases.let_go(session, claimed.lease)
             decision = decide(outcome, snapshot(session, self.config, claimed, route.backend))
             return apply(session, self.config, claimed, decision, backend=name)
