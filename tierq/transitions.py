@@ -372,17 +372,6 @@ def preparation_failed(session: Session, job_id: uuid.UUID, limit: int, error: s
     return True
 
 
-def deadline_within(session: Session, job_id: uuid.UUID, seconds: float) -> bool:
-    """Will the job's deadline have passed ``seconds`` from now (database clock)?"""
-    return bool(
-        session.scalar(
-            select(Job.deadline.is_not(None) & (Job.deadline < db_now(seconds))).where(
-                Job.id == job_id
-            )
-        )
-    )
-
-
 def seconds_left(session: Session, job_id: uuid.UUID) -> float | None:
     """Seconds until the job's deadline by the database clock (negative: passed); None if
     it has none."""

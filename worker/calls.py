@@ -47,16 +47,9 @@ class Calls:
         self._thread = threading.Thread(target=self._loop.run_forever, name="calls", daemon=True)
         self._thread.start()
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     def leases(self) -> list[Lease]:
         with self._lock:
             return [running.lease for running in self._running.values()]
-
-    def __len__(self) -> int:
-        return len(self._running)
 
     def run(
         self, lease: Lease, call: Call, on_delta: Callable[[str], None] | None = None
