@@ -125,14 +125,21 @@ class Turn(Base):
         UniqueConstraint("conversation_id", "seq", name="uq_turns_conversation_seq"),
         # The promise "one answer per job" is this constraint, not application care.
         UniqueConstraint("job_id", name="uq_turns_job_answer"),
-        CheckConstraint("role IN ('system', 'user', 'assistant')", name="ck_turns_role"),
+        CheckConstraint(
+            "role IN ('system', 'developer', 'user', 'assistant', 'tool')", name="ck_turns_role"
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=_uuid)
     conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id"))
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
+    # The message's text (its text parts joined; "" when it has none, e.g. an assistant
+    # turn that only calls tools): what people read and what the minimal tier matches on.
     content: Mapped[str] = mapped_column(Text)
+    # The whole message as the client sent it or the backend answered it (content parts,
+    # tool calls, tool_call_id, name, refusal); NULL for a plain text message.
+    message: Mapped[dict[str, Any] | None]
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", name="fk_turns_job"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
@@ -157,6 +164,9 @@ class Job(Base):
     answer_seq: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     tier: Mapped[str] = mapped_column(String(64))
+    # The route (the request's model, resolved) whose chain of tiers the job runs down;
+    # NULL on jobs from before routes: the configuration's default route.
+    route: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     deadline: Mapped[datetime | None]
     request: Mapped[dict[str, Any]]
@@ -241,6 +251,12 @@ class Backend(Base):
     last_probe_at: Mapped[datetime | None]
     last_latency_ms: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # The models the server says it serves (its model list, at the last probe), and why
+    # the configured model is not among them; NULL when it is or nobody could tell.
+    served_models: Mapped[list[str] | None] = mapped_column(JsonType)
+    model_error: Mapped[str | None] = mapped_column(Text)
+    # The last call a worker got an answer to: a live backend needs no canary to say so.
+    last_answer_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
