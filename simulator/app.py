@@ -208,7 +208,8 @@ async def _paced(send: Send, frames: list[bytes], interval: float) -> None:
         delay = start + i * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        await send_chunk(send, frame)
+        if frame:  # a piece may have no frame of its own (Ollama sends a tool call whole)
+            await send_chunk(send, frame)
 
 
 def _protocol_by_headers(scope: Scope) -> str:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from simulator.tools import count_images
+
 ENV_FAULTS = "TIERQ_SIM_FAULTS"
 
 
@@ -137,6 +139,7 @@ class Received:
             "at": self.at,
             "fault": self.fault.value,
             "body": body,
+            "images": count_images(body),  # image parts, whichever protocol sent them
         }
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from simulator.answer import Answer, ChatCall, text_of
 from simulator.asgi import Reply
+from simulator.tools import Extras, RequestError
 
 
 class WireError(Exception):
@@ -118,6 +121,13 @@ class Wire(ABC):
             out.append((message["role"], text_of(message.get("content"))))
         return out
 
+    def read_extras(self, read: Callable[[dict[str, Any]], Extras], data: dict[str, Any]) -> Extras:
+        """Tools, tool results and JSON schema, read by ``read`` (after ``read_messages``)."""
+        try:
+            return read(data)
+        except RequestError as exc:
+            raise WireError(self.bad_request(str(exc))) from exc
+
 
 def positive_int(value: Any) -> int | None:
     """A token limit as sent by a client; anything else means no limit."""
@@ -137,3 +147,8 @@ def rate_limit_headers(retry_after: float) -> tuple[tuple[str, str], ...]:
 
 def unix_now() -> int:
     return int(time.time())
+
+
+def call_id(prefix: str) -> str:
+    """A tool call's id as the protocol spells it: ``call_…`` (OpenAI), ``toolu_…``."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"

@@ -7,7 +7,8 @@ from typing import Any
 
 from simulator.answer import Answer, ChatCall, text_of
 from simulator.asgi import Reply, dumps, json_reply
-from simulator.wire import Streamer, Wire, WireError, positive_int, rate_limit_headers
+from simulator.tools import anthropic_extras
+from simulator.wire import Streamer, Wire, WireError, call_id, positive_int, rate_limit_headers
 
 SSE = "text/event-stream; charset=utf-8"
 
@@ -17,7 +18,12 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 
 def _stop_reason(answer: Answer) -> str:
-    return "max_tokens" if answer.finish == "length" else "end_turn"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(answer.finish, "end_turn")
+
+
+def _delta(delta: dict[str, Any]) -> bytes:
+    data = {"type": "content_block_delta", "index": 0, "delta": delta}
+    return _event("content_block_delta", data)
 
 
 def _error(status: int, kind: str, message: str) -> Reply:
@@ -32,6 +38,13 @@ class AnthropicStreamer(Streamer):
     def __init__(self, call: ChatCall, answer: Answer) -> None:
         self.call = call
         self.answer = answer
+
+    def _block(self) -> dict[str, Any]:
+        tool_call = self.answer.tool_call
+        if tool_call is None:
+            return {"type": "text", "text": ""}
+        # The input arrives as input_json_delta fragments; the block starts with it empty.
+        return {"type": "tool_use", "id": call_id("toolu_"), "name": tool_call.name, "input": {}}
 
     def head(self) -> bytes:
         message: dict[str, Any] = {
@@ -50,21 +63,20 @@ class AnthropicStreamer(Streamer):
                 _event("message_start", {"type": "message_start", "message": message}),
                 _event(
                     "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": 0,
-                        "content_block": {"type": "text", "text": ""},
-                    },
+                    {"type": "content_block_start", "index": 0, "content_block": self._block()},
                 ),
                 _event("ping", {"type": "ping"}),
+                # The API's first input_json_delta of a tool_use block is empty.
+                _delta({"type": "input_json_delta", "partial_json": ""})
+                if self.answer.tool_call is not None
+                else b"",
             ]
         )
 
     def piece(self, text: str) -> bytes:
-        delta = {"type": "text_delta", "text": text}
-        return _event(
-            "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
-        )
+        if self.answer.tool_call is not None:
+            return _delta({"type": "input_json_delta", "partial_json": text})
+        return _delta({"type": "text_delta", "text": text})
 
     def tail(self) -> bytes:
         usage = {
@@ -98,6 +110,7 @@ class AnthropicWire(Wire):
                     "use the top-level `system` parameter for a system prompt"
                 )
                 raise WireError(self.bad_request(message))
+        extras = self.read_extras(anthropic_extras, data)
         system = text_of(data.get("system"))
         if system:
             messages.insert(0, ("system", system))
@@ -106,9 +119,19 @@ class AnthropicWire(Wire):
             messages=tuple(messages),
             max_tokens=max_tokens,
             stream=bool(data.get("stream", False)),
+            tool=extras.tool,
+            tool_result=extras.tool_result,
         )
 
     def completion(self, call: ChatCall, answer: Answer) -> Reply:
+        block: dict[str, Any] = {"type": "text", "text": answer.content}
+        if answer.tool_call is not None:
+            block = {
+                "type": "tool_use",
+                "id": call_id("toolu_"),
+                "name": answer.tool_call.name,
+                "input": answer.tool_call.arguments,
+            }
         return json_reply(
             200,
             {
@@ -116,7 +139,7 @@ class AnthropicWire(Wire):
                 "type": "message",
                 "role": "assistant",
                 "model": call.model,
-                "content": [{"type": "text", "text": answer.content}],
+                "content": [block],
                 "stop_reason": _stop_reason(answer),
                 "stop_sequence": None,
                 "usage": {

@@ -8,6 +8,7 @@ from typing import Any
 
 from simulator.answer import Answer, ChatCall
 from simulator.asgi import Reply, dumps, json_reply
+from simulator.tools import ollama_extras
 from simulator.wire import Streamer, Wire, positive_int, rate_limit_headers
 
 NDJSON = "application/x-ndjson"
@@ -25,15 +26,31 @@ def _error(status: int, message: str) -> Reply:
     return json_reply(status, {"error": message})
 
 
-def _final(call: ChatCall, answer: Answer, content: str) -> dict[str, Any]:
+def _message(content: str, answer: Answer | None = None) -> dict[str, Any]:
+    """An assistant message; with ``answer``'s tool call, if it has one."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if answer is not None and answer.tool_call is not None:
+        # Ollama's arguments are an object, not JSON text as OpenAI's; no id, no index.
+        function = {"name": answer.tool_call.name, "arguments": answer.tool_call.arguments}
+        message["tool_calls"] = [{"function": function}]
+    return message
+
+
+def _line(call: ChatCall, message: dict[str, Any]) -> bytes:
+    data = {"model": call.model, "created_at": _created_at(), "message": message, "done": False}
+    return dumps(data) + b"\n"
+
+
+def _final(call: ChatCall, answer: Answer, message: dict[str, Any]) -> dict[str, Any]:
     """The closing object (streamed) or the whole answer (not streamed), with timings."""
     generating = time.monotonic_ns() - call.received_ns
     prompt_eval = answer.prompt_tokens * PROMPT_EVAL_NS_PER_TOKEN
     return {
         "model": call.model,
         "created_at": _created_at(),
-        "message": {"role": "assistant", "content": content},
-        "done_reason": answer.finish,
+        "message": message,
+        # A tool call ends as any answer does: Ollama has no finish reason of its own for it.
+        "done_reason": "length" if answer.finish == "length" else "stop",
         "done": True,
         "total_duration": LOAD_NS + prompt_eval + generating,
         "load_duration": LOAD_NS,
@@ -55,16 +72,15 @@ class OllamaStreamer(Streamer):
         return b""
 
     def piece(self, text: str) -> bytes:
-        line = {
-            "model": self.call.model,
-            "created_at": _created_at(),
-            "message": {"role": "assistant", "content": text},
-            "done": False,
-        }
-        return dumps(line) + b"\n"
+        if self.answer.tool_call is not None:
+            return b""  # Ollama sends a tool call whole, once the model has written it
+        return _line(self.call, _message(text))
 
     def tail(self) -> bytes:
-        return dumps(_final(self.call, self.answer, "")) + b"\n"
+        final = dumps(_final(self.call, self.answer, _message(""))) + b"\n"
+        if self.answer.tool_call is None:
+            return final
+        return _line(self.call, _message("", self.answer)) + final
 
 
 class OllamaWire(Wire):
@@ -78,16 +94,22 @@ class OllamaWire(Wire):
         options = data.get("options")
         if not isinstance(options, dict):
             options = {}
+        messages = tuple(self.read_messages(data))
+        extras = self.read_extras(ollama_extras, data)
         return ChatCall(
             model=model,
-            messages=tuple(self.read_messages(data)),
+            messages=messages,
             # num_predict -1 (infinite) and -2 (fill the context) both mean no cut.
             max_tokens=positive_int(options.get("num_predict")),
             stream=bool(data.get("stream", True)),
+            tool=extras.tool,
+            tool_result=extras.tool_result,
+            json_schema=extras.json_schema,
         )
 
     def completion(self, call: ChatCall, answer: Answer) -> Reply:
-        return json_reply(200, _final(call, answer, answer.content))
+        content = "" if answer.tool_call is not None else answer.content
+        return json_reply(200, _final(call, answer, _message(content, answer)))
 
     def streamer(self, call: ChatCall, answer: Answer) -> Streamer:
         return OllamaStreamer(call, answer)

@@ -7,7 +7,8 @@ from typing import Any
 
 from simulator.answer import Answer, ChatCall
 from simulator.asgi import Reply, dumps, json_reply
-from simulator.wire import Streamer, Wire, positive_int, rate_limit_headers, unix_now
+from simulator.tools import openai_extras
+from simulator.wire import Streamer, Wire, call_id, positive_int, rate_limit_headers, unix_now
 
 SSE = "text/event-stream; charset=utf-8"
 
@@ -23,6 +24,7 @@ class OpenAIStreamer(Streamer):
     def __init__(self, call: ChatCall, answer: Answer) -> None:
         self.call = call
         self.answer = answer
+        self.call_id = call_id("call_")
         self.base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion.chunk",
@@ -40,10 +42,20 @@ class OpenAIStreamer(Streamer):
         return b"data: " + dumps(chunk) + b"\n\n"
 
     def head(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": "", "refusal": None})
+        tool_call = self.answer.tool_call
+        if tool_call is None:
+            return self._chunk({"role": "assistant", "content": "", "refusal": None})
+        # As OpenAI streams a tool call: its id and name first, with empty arguments...
+        function = {"name": tool_call.name, "arguments": ""}
+        call = {"index": 0, "id": self.call_id, "type": "function", "function": function}
+        delta = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        return self._chunk(delta)
 
     def piece(self, text: str) -> bytes:
-        return self._chunk({"content": text})
+        if self.answer.tool_call is None:
+            return self._chunk({"content": text})
+        # ... then the arguments' JSON text in fragments, under the same index.
+        return self._chunk({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
 
     def tail(self) -> bytes:
         frames = [self._chunk({}, self.answer.finish)]
@@ -70,6 +82,7 @@ class OpenAIWire(Wire):
         data = self.load_object(body)
         model = self.require_model(data)
         messages = self.read_messages(data)
+        extras = self.read_extras(openai_extras, data)
         limit = data.get("max_completion_tokens", data.get("max_tokens"))
         options = data.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -79,10 +92,18 @@ class OpenAIWire(Wire):
             max_tokens=positive_int(limit),
             stream=bool(data.get("stream", False)),
             include_usage=include_usage,
+            tool=extras.tool,
+            tool_result=extras.tool_result,
+            json_schema=extras.json_schema,
         )
 
     def completion(self, call: ChatCall, answer: Answer) -> Reply:
-        message = {"role": "assistant", "content": answer.content, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.tool_call is not None:
+            function = {"name": answer.tool_call.name, "arguments": answer.content}
+            tool_call = {"id": call_id("call_"), "type": "function", "function": function}
+            message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
+        message["refusal"] = None
         return json_reply(
             200,
             {

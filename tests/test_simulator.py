@@ -501,3 +501,300 @@ def test_hang_counts_the_client_giving_up_and_stats_reset_zeroes_it(
         httpx.get(f"{base_url}/api/tags", timeout=httpx.Timeout(2, read=0.2))
     _stats_within(control, 1.0, aborted=1, in_flight=0)
     assert control.reset_stats()["aborted"] == 0
+
+
+# -- tools, tool results, structured output, images -------------------------------------
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 3},
+        "alerts": {"type": "boolean"},
+        "where": {"$ref": "#/$defs/Place"},
+        "optional": {"type": "number"},
+    },
+    "required": ["city", "unit", "days", "alerts", "where"],
+    "$defs": {
+        "Place": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "tags": {"type": "array"}},
+            "required": ["lat", "tags"],
+        }
+    },
+}
+WEATHER_ARGS = {
+    "city": "x",
+    "unit": "celsius",
+    "days": 3,
+    "alerts": True,
+    "where": {"lat": 1, "tags": []},
+}
+TIME = {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}
+OPENAI_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+ANTHROPIC_TOOLS = [
+    {"name": "get_weather", "description": "d", "input_schema": WEATHER},
+    {"name": "get_time", "description": "d", "input_schema": TIME},
+]
+ASK = [{"role": "user", "content": "weather in Paris?"}]
+
+
+def _tool_round(call_id: str, arguments: str) -> list[Any]:
+    """The conversation after the model called get_weather and the tool answered."""
+    function = {"name": "get_weather", "arguments": arguments}
+    called = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+    }
+    return [*ASK, called, {"role": "tool", "tool_call_id": call_id, "content": "sunny, 21 C"}]
+
+
+def test_minimal_instances_validate_against_their_schemas() -> None:
+    import jsonschema
+
+    from simulator.schema import minimal_instance
+
+    schemas: list[dict[str, Any]] = [
+        WEATHER,
+        {"type": ["null", "string"], "minLength": 3},
+        {"anyOf": [{"type": "null"}, {"type": "integer", "exclusiveMinimum": 5}]},
+        {"allOf": [TIME, {"type": "object", "properties": {"n": {"const": 2}}, "required": ["n"]}]},
+        {"type": "array", "items": {"$ref": "#/$defs/T"}, "minItems": 2, "$defs": {"T": TIME}},
+        {"type": "number", "maximum": 0.5},
+        {
+            "$ref": "#/$defs/Node",
+            "$defs": {
+                "Node": {
+                    "type": "object",
+                    "properties": {"next": {"$ref": "#/$defs/Node"}},
+                    "required": ["next"],
+                }
+            },
+        },
+    ]
+    for schema in schemas[:-1]:
+        jsonschema.validate(minimal_instance(schema), schema)
+    assert minimal_instance(WEATHER) == WEATHER_ARGS
+    assert minimal_instance(schemas[-1])  # a recursive schema ends, if not validly
+
+
+def test_openai_calls_the_first_tool_with_arguments_its_schema_accepts(
+    oai: openai.OpenAI,
+) -> None:
+    completion = oai.chat.completions.create(model="m", messages=ASK, tools=OPENAI_TOOLS)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == WEATHER_ARGS  # type: ignore[union-attr]
+
+
+def test_openai_tool_choice_names_the_tool_or_forbids_tools(oai: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    completion = oai.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=OPENAI_TOOLS,
+        tool_choice=named,  # type: ignore[arg-type]
+    )
+    [call] = completion.choices[0].message.tool_calls or []
+    assert (call.function.name, call.function.arguments) == ("get_time", '{"zone": "x"}')  # type: ignore[union-attr]
+    plain = oai.chat.completions.create(
+        model="m", messages=ASK, tools=OPENAI_TOOLS, tool_choice="none"
+    )
+    assert plain.choices[0].message.content == f"[{NAME}] You said: weather in Paris?"
+    assert plain.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="not found in 'tools'"):
+        missing = {"type": "function", "function": {"name": "nope"}}
+        oai.chat.completions.create(
+            model="m",
+            messages=ASK,
+            tools=OPENAI_TOOLS,
+            tool_choice=missing,  # type: ignore[arg-type]
+        )
+
+
+def test_openai_streams_a_tool_call_as_openai_does(oai: openai.OpenAI) -> None:
+    chunks = list(
+        oai.chat.completions.create(model="m", messages=ASK, tools=OPENAI_TOOLS, stream=True)
+    )
+    first = chunks[0].choices[0].delta
+    [head] = first.tool_calls or []
+    assert first.role == "assistant" and first.content is None
+    assert (head.index, head.type, head.function.arguments) == (0, "function", "")  # type: ignore[union-attr]
+    assert head.id is not None and head.id.startswith("call_")
+    assert head.function.name == "get_weather"  # type: ignore[union-attr]
+    fragments = [c.choices[0].delta.tool_calls for c in chunks[1:-1]]
+    assert len(fragments) >= 3
+    assert all(f and f[0].index == 0 and f[0].id is None for f in fragments)
+    arguments = "".join(f[0].function.arguments for f in fragments)  # type: ignore[index,union-attr,misc]
+    assert json.loads(arguments) == WEATHER_ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].choices[0].delta.tool_calls is None
+
+
+def test_openai_tool_result_goes_back_as_context(oai: openai.OpenAI) -> None:
+    messages = _tool_round("call_1", json.dumps(WEATHER_ARGS))
+    completion = oai.chat.completions.create(model="m", messages=messages, tools=OPENAI_TOOLS)
+    assert completion.choices[0].message.content == f"[{NAME}] The tool said: sunny, 21 C"
+    assert completion.choices[0].message.tool_calls is None
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_openai_structured_output_parses_with_the_sdk(oai: openai.OpenAI) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+        capital: bool
+        districts: list[str]
+
+    class Answer(BaseModel):
+        city: City
+        rank: float
+
+    parsed = oai.chat.completions.parse(model="m", messages=ASK, response_format=Answer)
+    assert parsed.choices[0].message.parsed == Answer(
+        city=City(name="x", population=1, capital=True, districts=[]), rank=1
+    )
+    mode = {"type": "json_object"}
+    plain = oai.chat.completions.create(model="m", messages=ASK, response_format=mode)  # type: ignore[arg-type]
+    assert json.loads(plain.choices[0].message.content or "") == {
+        "answer": f"[{NAME}] You said: weather in Paris?"
+    }
+
+
+def test_anthropic_tool_use_plain_and_streamed(claude: anthropic.Anthropic) -> None:
+    message = claude.messages.create(
+        model="c",
+        max_tokens=50,
+        messages=ASK,
+        tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+    )
+    [block] = message.content
+    assert block.type == "tool_use" and block.id.startswith("toolu_")
+    assert (block.name, block.input) == ("get_weather", WEATHER_ARGS)
+    assert message.stop_reason == "tool_use"
+    with claude.messages.stream(
+        model="c",
+        max_tokens=50,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+        tool_choice={"type": "tool", "name": "get_time"},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [e.type for e in events].count("input_json") >= 2
+    [streamed] = final.content
+    assert streamed.type == "tool_use"
+    assert (streamed.name, streamed.input) == ("get_time", {"zone": "x"})
+    assert final.stop_reason == "tool_use"
+
+
+def test_anthropic_tool_result_and_tool_choice_none(claude: anthropic.Anthropic) -> None:
+    called = {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": WEATHER_ARGS}
+        ],
+    }
+    result = {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_1",
+                "content": [{"type": "text", "text": "sunny, 21 C"}],
+            }
+        ],
+    }
+    message = claude.messages.create(
+        model="c",
+        max_tokens=50,
+        messages=[*ASK, called, result],
+        tools=ANTHROPIC_TOOLS,  # type: ignore[list-item,arg-type]
+    )
+    assert message.content[0].type == "text"
+    assert message.content[0].text == f"[{NAME}] The tool said: sunny, 21 C"
+    assert message.stop_reason == "end_turn"
+    none = claude.messages.create(
+        model="c",
+        max_tokens=50,
+        messages=ASK,
+        tools=ANTHROPIC_TOOLS,
+        tool_choice={"type": "none"},  # type: ignore[arg-type]
+    )
+    assert none.content[0].type == "text" and none.stop_reason == "end_turn"
+
+
+def test_ollama_tools_format_and_tool_results(base_url: str, control: SimulatorControl) -> None:
+    url = f"{base_url}/api/chat"
+    body = {"model": "q", "messages": ASK, "tools": OPENAI_TOOLS, "stream": False}
+    answer = httpx.post(url, json=body).json()
+    assert answer["message"] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": WEATHER_ARGS}}],
+    }
+    assert (answer["done"], answer["done_reason"]) == (True, "stop")
+    lines = [json.loads(x) for x in httpx.post(url, json=body | {"stream": True}).text.split()]
+    assert [x["done"] for x in lines] == [False, True]
+    assert lines[0]["message"]["tool_calls"] == answer["message"]["tool_calls"]
+    assert "tool_calls" not in lines[1]["message"] and lines[1]["done_reason"] == "stop"
+    result = {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": answer["message"]["tool_calls"]},
+        result,
+    ]
+    after = httpx.post(url, json=body | {"messages": messages}).json()
+    assert after["message"] == {
+        "role": "assistant",
+        "content": f"[{NAME}] The tool said: sunny, 21 C",
+    }
+    shaped = httpx.post(url, json={"model": "q", "messages": ASK, "format": TIME, "stream": False})
+    assert json.loads(shaped.json()["message"]["content"]) == {"zone": "x"}
+    loose = httpx.post(url, json={"model": "q", "messages": ASK, "format": "json", "stream": False})
+    assert isinstance(json.loads(loose.json()["message"]["content"]), dict)
+
+
+def test_image_parts_are_accepted_and_counted(
+    base_url: str, oai: openai.OpenAI, claude: anthropic.Anthropic, control: SimulatorControl
+) -> None:
+    pixel = (
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5E"
+        "rkJggg=="
+    )
+    parts = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+    ]
+    completion = oai.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": parts}]
+    )  # type: ignore[list-item,misc]
+    assert completion.choices[0].message.content == f"[{NAME}] You said: what is this?"
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": pixel},
+    }
+    message = claude.messages.create(
+        model="c",
+        max_tokens=20,
+        messages=[
+            {"role": "user", "content": [image, image, {"type": "text", "text": "and these?"}]}
+        ],  # type: ignore[list-item]
+    )
+    assert message.content[0].text == f"[{NAME}] You said: and these?"  # type: ignore[union-attr]
+    ollama = {"role": "user", "content": "and this?", "images": [pixel]}
+    assert (
+        httpx.post(f"{base_url}/api/chat", json={"model": "q", "messages": [ollama]}).status_code
+        == 200
+    )
+    assert [r["images"] for r in control.requests()] == [1, 2, 1]
