@@ -90,6 +90,7 @@ _fresh_window = _backends.c.window_started_at.is_(None) | (
     _backends.c.window_started_at < db_now(bindparam("p_window_start", type_=Float()))
 )
 _failed = bindparam("p_failed", type_=Integer())
+_answered = bindparam("p_answered", type_=Boolean())
 _RECORD_CALL = (
     update(_backends)
     .where(_backends.c.name == bindparam("p_backend", type_=_backends.c.name.type))
@@ -98,14 +99,14 @@ _RECORD_CALL = (
         window_calls=case((_fresh_window, 1), else_=_backends.c.window_calls + 1),
         window_failures=case((_fresh_window, _failed), else_=_backends.c.window_failures + _failed),
         window_retries=case((_fresh_window, 0), else_=_backends.c.window_retries),
-        # A failed call's latency says nothing: the last good one stays.
+        # A failed call's latency says nothing: the last good one stays (a rejected
+        # request, counted as healthy, has no latency either).
         last_latency_ms=case(
-            (
-                bindparam("p_ok", type_=Boolean()),
-                bindparam("p_latency", type_=_backends.c.last_latency_ms.type),
-            ),
+            (_answered, bindparam("p_latency", type_=_backends.c.last_latency_ms.type)),
             else_=_backends.c.last_latency_ms,
         ),
+        # Database clock: the prober compares it with its own reading of that clock.
+        last_answer_at=case((_answered, db_now()), else_=_backends.c.last_answer_at),
     )
     .returning(_backends.c.window_calls, _backends.c.window_failures)
 )
@@ -119,8 +120,13 @@ def record(
     reason: str = "",
     latency_ms: float | None = None,
 ) -> None:
-    """Count a call's outcome and make whatever transition it causes."""
+    """Count a call's outcome and make whatever transition it causes. A call given a
+    ``latency_ms`` was answered: the backend's ``last_answer_at`` is stamped, and the health
+    prober sends it no canary while it keeps answering."""
+    answered = ok and latency_ms is not None
     if permit.trial:
+        if answered:
+            stamp_answer(session, permit.backend)
         _record_trial(session, permit.backend, ok, breaker, reason)
         return
     calls, failures = session.execute(
@@ -129,7 +135,7 @@ def record(
             "p_backend": permit.backend,
             "p_window_start": -breaker.window_seconds,
             "p_failed": 0 if ok else 1,
-            "p_ok": ok,
+            "p_answered": answered,
             "p_latency": latency_ms,
         },
     ).one()
@@ -140,6 +146,10 @@ def record(
             Circuit.CLOSED,
             f"{failures}/{calls} calls failed in {breaker.window_seconds:g}s; last: {reason}",
         )
+
+
+def stamp_answer(session: Session, backend: str) -> None:
+    session.execute(update(Backend).where(Backend.name == backend).values(last_answer_at=db_now()))
 
 
 def _open(session: Session, backend: str, old: Circuit, reason: str) -> None:

@@ -71,6 +71,10 @@ def _backend_view(tier: str, backend: BackendConfig, row: Backend | None) -> dic
         "last_probe_at": row.last_probe_at if row else None,
         "last_latency_ms": row.last_latency_ms if row else None,
         "last_error": row.last_error if row else None,
+        # What the server's model list said at the last probe (None: unknown), and why the
+        # configured model is not among them.
+        "served_models": row.served_models if row else None,
+        "model_error": row.model_error if row else None,
     }
 
 
