@@ -1,0 +1,350 @@
+"""A real llama.cpp server for the tests: llama-cpp-python's OpenAI-compatible server
+(``python -m llama_cpp.server``) serving a tiny model written here with the ``gguf`` package.
+
+    def test_x(llama: LlamaServer) -> None:
+        httpx.post(f"{llama.url}/v1/chat/completions", json={"model": MODEL_NAME, ...})
+        llama.restart()          # SIGKILL, then start again on the same port
+
+The model is a llama-architecture GGUF of ~300 tokens (SentencePiece with byte fallback,
+ChatML control tokens, the ChatML chat template) whose weights are set, not trained, so its
+answers are known in advance: every layer's output projections are zero, so the last hidden
+state is the current token's embedding and the model is a bigram table. After the
+generation prompt's newline it says ANSWER (ANSWER_TOKENS tokens) and ends its turn
+(``finish_reason: "stop"``); asked for more (``min_tokens``), it starts over, up to
+``max_tokens`` or the context. Inside a grammar (tools, JSON mode) it closes strings,
+arrays and objects as soon as it may, so arguments are short. Prompts are tokenized byte by
+byte (no merges), so a prompt's size in tokens is about its size in bytes.
+
+llama-cpp-python must be installed (``./dev test`` installs the ``llama`` extra): without
+it the fixture fails, it never skips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".pytest_cache" / "llama"
+MODEL_NAME = "tiny-llama"  # the alias /v1/models lists and answers carry
+N_CTX = 512
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = ("Hello", "from", "the", "tiny", "test", "llama", "one", "two", "three", "four", "five")
+CHAIN = (*(f"\u2581{w}" for w in WORDS), ".")
+ANSWER = " " + " ".join(WORDS) + "."
+ANSWER_TOKENS = len(CHAIN)
+# The model's layout: bump VERSION when the weights or the vocabulary change.
+VERSION = 1
+N_EMBD, N_LAYER, N_HEAD, N_FF = 64, 2, 4, 128
+RMS_EPS = 1e-5
+VOTE = 20.0  # the logit of the successor in the answer; every other logit is at most 3
+AGAIN = 12.0  # the first word's logit after the last: second to the end of turn
+# Under a grammar (tools, JSON mode) the model closes strings, arrays and objects as soon
+# as it may, and prefers a comma to another digit: arguments come out short.
+CLOSING = {'"': 3.0, "}": 2.0, "]": 2.0, ",": 1.5}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+
+    def id(self, token: str) -> int:
+        return self.tokens.index(token)
+
+
+def _vocab() -> Vocab:
+    from gguf import TokenType
+
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    types += [TokenType.CONTROL] * 2
+    words = ["\u2581", *CHAIN, "\u2581and", "\u2581or", "\u2581x"]
+    tokens += words
+    types += [TokenType.NORMAL] * len(words)
+    scores = [0.0] * len(tokens)
+    return Vocab(tokens, scores, [int(t) for t in types])
+
+
+def _bigram(vocab: Vocab, endless: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Token embeddings and output matrix such that the logits are a table of
+    (current token → next token): the model is a bigram table.
+
+    Every embedding has 1 in dimension 0; after the final RMS norm that is a constant
+    input, so the output matrix's column 0 is a bias per token. A token that starts or
+    continues the answer also has 1 in a dimension of its own, through which it votes for
+    its successor (and the last word, more weakly, for the first: the answer starts over
+    when the end of turn is forbidden)."""
+    n_vocab = len(vocab.tokens)
+    embd = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+    embd[:, 0] = 1.0
+    bias = np.zeros(n_vocab, dtype=np.float32)
+    for token in ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"):
+        bias[vocab.id(token)] = -10.0
+    for byte in [*range(0x00, 0x20), *range(0x7F, 0x100)]:
+        bias[vocab.id(f"<0x{byte:02X}>")] = -10.0  # no control bytes, no broken UTF-8
+    for char, weight in CLOSING.items():
+        bias[vocab.id(f"<0x{ord(char):02X}>")] = weight
+    plain, voter = _norms()
+    out = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+    out[:, 0] = bias / plain  # a token without a vote of its own: logits = bias
+    sources = ["<0x0A>", *CHAIN]
+    targets = [*CHAIN, CHAIN[0] if endless else "<|im_end|>"]
+    for dim, (source, target) in enumerate(zip(sources, targets, strict=True), start=1):
+        embd[vocab.id(source), dim] = 1.0
+        # Its successor's logit is exactly VOTE, whatever the successor's bias.
+        out[vocab.id(target), dim] = (VOTE - bias[vocab.id(target)] * voter / plain) / voter
+    out[vocab.id(CHAIN[0]), len(sources)] = AGAIN / voter
+    return embd, out
+
+
+def _norms() -> tuple[float, float]:
+    """Dimension 0 after RMS norm: for a plain embedding, and for one with a vote."""
+    plain = 1 / np.sqrt(1 / N_EMBD)
+    voter = 1 / np.sqrt(2 / N_EMBD)
+    return float(plain), float(voter)
+
+
+def _logits(embd: np.ndarray, out: np.ndarray, token: int) -> np.ndarray:
+    """What the model computes after ``token`` (the layers add nothing): for the check."""
+    x = embd[token]
+    h = x / np.sqrt(np.mean(x * x) + RMS_EPS)
+    return out @ h
+
+
+def write_model(path: Path, endless: bool = False) -> None:
+    """Write the tiny model to ``path`` (a GGUF file of about 500 KB). An ``endless``
+    model never ends its turn: it says ANSWER over and over, up to max_tokens or n_ctx."""
+    import gguf
+
+    vocab = _vocab()
+    embd, out = _bigram(vocab, endless)
+    _check(vocab, embd, out, endless)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(MODEL_NAME)
+    writer.add_context_length(N_CTX)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_unk_token_id(vocab.id("<unk>"))
+    writer.add_bos_token_id(vocab.id("<s>"))
+    writer.add_eos_token_id(vocab.id("<|im_end|>"))
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHATML)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", embd)
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    writer.add_tensor("output.weight", out)
+    for i in range(N_LAYER):
+        _add_layer(writer, i, rng)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_layer(writer: object, i: int, rng: np.random.Generator) -> None:
+    """One transformer block that computes (random attention, a random MLP) and adds
+    nothing: its output projections are zero, so the bigram table is all that speaks."""
+
+    def random(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.02, size=shape).astype(np.float32)
+
+    zeros = np.zeros
+    tensors = {
+        "attn_norm": np.ones(N_EMBD, dtype=np.float32),
+        "attn_q": random(N_EMBD, N_EMBD),
+        "attn_k": random(N_EMBD, N_EMBD),
+        "attn_v": random(N_EMBD, N_EMBD),
+        "attn_output": zeros((N_EMBD, N_EMBD), dtype=np.float32),
+        "ffn_norm": np.ones(N_EMBD, dtype=np.float32),
+        "ffn_gate": random(N_FF, N_EMBD),
+        "ffn_up": random(N_FF, N_EMBD),
+        "ffn_down": zeros((N_EMBD, N_FF), dtype=np.float32),
+    }
+    for name, tensor in tensors.items():
+        writer.add_tensor(f"blk.{i}.{name}.weight", tensor)  # type: ignore[attr-defined]
+
+
+def _check(vocab: Vocab, embd: np.ndarray, out: np.ndarray, endless: bool) -> None:
+    """The table says what the docstring promises, or the model is not written."""
+    current = vocab.id("<0x0A>")
+    said = []
+    for _ in range(ANSWER_TOKENS + 1):
+        logits = _logits(embd, out, current)
+        current = int(np.argmax(logits))
+        said.append(vocab.tokens[current])
+    assert said == [*CHAIN, CHAIN[0] if endless else "<|im_end|>"], said
+    logits = _logits(embd, out, vocab.id(CHAIN[-1]))
+    logits[vocab.id("<|im_end|>")] = -np.inf
+    assert vocab.tokens[int(np.argmax(logits))] == CHAIN[0]
+
+
+def model_path(endless: bool = False) -> Path:
+    """The model file, written once per layout and kept under .pytest_cache."""
+    layout = [VERSION, N_EMBD, N_LAYER, CHAIN, CHATML, endless]
+    key = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:12]
+    path = CACHE / f"{MODEL_NAME}{'-endless' if endless else ''}-{key}.gguf"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.part")
+        write_model(partial, endless)
+        partial.replace(path)  # atomic: a concurrent run never reads half a model
+    return path
+
+
+# -- the server -------------------------------------------------------------------------
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class LlamaServer:
+    """``python -m llama_cpp.server`` on a loopback port, as a child process.
+
+    ``options`` are more of its command-line settings (``{"interrupt_requests": False}``,
+    ``{"chat_format": "chatml-function-calling"}``); its log is ``log``.
+    """
+
+    endless: bool = False
+    n_ctx: int = N_CTX
+    options: dict[str, object] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log: Path = CACHE / "server.log"
+
+    @property
+    def url(self) -> str:
+        """The base URL, without /v1."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        settings: dict[str, object] = {
+            "model": model_path(self.endless),
+            "model_alias": MODEL_NAME,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "n_ctx": self.n_ctx,
+            "n_threads": 1,  # two cores on the test machine: leave one to the tests
+            "n_threads_batch": 1,
+            "seed": 0,
+        } | self.options
+        args = [sys.executable, "-m", "llama_cpp.server"]
+        for key, value in settings.items():
+            args += [f"--{key}", str(value)]
+        return args
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start it (on a free port the first time) and wait until it answers."""
+        import llama_cpp  # noqa: F401  (missing: fail here, loudly, never skip)
+
+        self.port = self.port or _free_port()
+        self.log = CACHE / f"server-{self.port}.log"
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        self._wait_until_answering(timeout)
+
+    def _wait_until_answering(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited: {self._log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"llama_cpp.server silent for {timeout}s: {self._log_tail()}")
+            time.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-answer, as on a crash or an OOM kill."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """SIGKILL, then start again on the same port."""
+        self.kill()
+        self.start(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running_llama(**settings: object) -> Iterator[LlamaServer]:
+    """A server of its own, for a test that needs other settings or kills it."""
+    server = LlamaServer(**settings)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_shared: LlamaServer | None = None
+
+
+@pytest.fixture(scope="session")
+def llama() -> Iterator[LlamaServer]:
+    """The session's server: default settings, the model that ends its answer.
+
+    Import it into a test module (``from tests.llama_server import llama``). Every module
+    that does shares one server; a test may ``restart()`` it."""
+    global _shared
+    if _shared is None:
+        _shared = LlamaServer()
+        _shared.start()
+    yield _shared
+    _shared.stop()
