@@ -44,13 +44,37 @@ def problem_response(
 _UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
+# The tags of tagged unions (a message's role, a content part's type) that pydantic puts in
+# an error's location before the member's own fields: messages.0.user.content → messages.0.content.
+_UNION_TAGS = frozenset(
+    {"system", "developer", "user", "assistant", "tool", "text", "image_url", "input_audio",
+     "file", "refusal", "json_object", "json_schema"}
+)  # fmt: skip
+
+
+def _is_union_tag(loc: list[Any], i: int) -> bool:
+    """A tag stands after a list index or a union-typed field, and before the member's field."""
+    if loc[i] not in _UNION_TAGS or i + 1 == len(loc) or i == 0:
+        return False
+    return isinstance(loc[i - 1], int) or loc[i - 1] == "response_format"
+
+
+def _location(error: Any) -> tuple[Any, ...]:
+    """Where the error is; a tagged union's missing or unknown tag is its tag field's."""
+    loc = tuple(error["loc"])
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return (*loc, str(error.get("ctx", {}).get("discriminator", "")).strip("'"))
+    return loc
+
+
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [
-        str(p)
+    kept = [
+        p
         for p in loc
         if p not in ("body", "query", "path", "header")
         and not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS))
     ]
+    parts = [str(p) for i, p in enumerate(kept) if not _is_union_tag(kept, i)]
     return ".".join(parts) or str(loc[0] if loc else "body")
 
 
@@ -60,7 +84,7 @@ async def _on_problem(_request: Request, exc: Problem) -> JSONResponse:
 
 async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"field": _field(tuple(e["loc"])), "message": e["msg"].removeprefix("Value error, ")}
+        {"field": _field(_location(e)), "message": e["msg"].removeprefix("Value error, ")}
         for e in exc.errors()
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)

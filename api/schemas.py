@@ -4,50 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.chat_request import ANSWERABLE_LAST, ChatParams, Message, Text
+from tierq.messages import as_message
 from tierq.models import Job, Turn
 from tierq.webhook_urls import WebhookURL
-
-Role = Literal["system", "user", "assistant"]
-
-
-def _no_nul(value: str) -> str:
-    # Postgres text and jsonb cannot hold U+0000: refused here, as bad input naming the
-    # field, rather than by the database as a server error after the request was taken.
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character (U+0000)")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Role
-    content: Text = Field(min_length=1, max_length=1_000_000)
-    name: Text | None = Field(None, max_length=64)
-
-
-class ChatParams(BaseModel):
-    """The OpenAI chat-completions parameters tierq passes on to a backend."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Text = Field(min_length=1, max_length=255)
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: Text | list[Text] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    user: Text | None = Field(None, max_length=256)
 
 
 class TierqOptions(BaseModel):
@@ -70,8 +34,15 @@ class TierqOptions(BaseModel):
             raise ValueError("is out of range") from None
 
 
+# tierq's own fields of a job request: everything else is the chat request a backend gets.
+TIERQ_FIELDS = frozenset(
+    {"messages", "conversation_id", "stream", "stream_options", "webhook_url", "priority",
+     "deadline", "on_exhausted"}
+)  # fmt: skip
+
+
 class JobCreate(ChatParams, TierqOptions):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    messages: list[Message] = Field(min_length=1, max_length=1000)
     conversation_id: uuid.UUID | None = None
     stream: Literal[False] | None = Field(None, description="Use /v1/chat/completions to stream.")
     webhook_url: WebhookURL | None = Field(
@@ -82,14 +53,19 @@ class JobCreate(ChatParams, TierqOptions):
 
     @field_validator("messages")
     @classmethod
-    def _ends_with_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if value and value[-1].role != "user":
-            raise ValueError("the last message must have role 'user'")
+    def _ends_with_a_question(cls, value: list[Message]) -> list[Message]:
+        if value and value[-1].role not in ANSWERABLE_LAST:
+            raise ValueError("the last message must have role 'user' or 'tool'")
         return value
 
     def params(self) -> dict[str, Any]:
-        """What is stored with the job and sent to the backend besides the conversation."""
-        return self.model_dump(include=set(ChatParams.model_fields), exclude_none=True)
+        """What is stored with the job and sent to the backend besides the conversation:
+        the chat parameters, unknown ones (server extras) included."""
+        return self.model_dump(exclude=TIERQ_FIELDS, exclude_none=True)
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The messages as sent (unset optional fields left out)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
 
 
 class MessageCreate(JobCreate):
@@ -168,7 +144,10 @@ class JobPage(BaseModel):
 class TurnOut(BaseModel):
     seq: int
     role: str
-    content: str
+    content: str = Field(description="The message's text (text parts joined).")
+    message: dict[str, Any] = Field(
+        description="The whole message: content parts, tool calls, tool_call_id, refusal."
+    )
     job_id: uuid.UUID | None
     created_at: datetime
 
@@ -178,6 +157,7 @@ class TurnOut(BaseModel):
             seq=turn.seq,
             role=turn.role,
             content=turn.content,
+            message=as_message(turn.role, turn.content, turn.message),
             job_id=turn.job_id,
             created_at=turn.created_at,  # type: ignore[arg-type]
         )

@@ -18,10 +18,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from api.problems import Problem
 from api.schemas import JobCreate
-from tierq import broker
+from tierq import broker, routes
 from tierq.config import TierqConfig
 from tierq.crash import crash_point
 from tierq.db import db_now, transaction
+from tierq.features import needs
+from tierq.messages import turn_values
 from tierq.models import Conversation, Job, JobStatus, Turn
 
 JobRow = Any  # a row of the jobs table: the attributes of a Job
@@ -93,6 +95,37 @@ def _reserve_turns(
     return conversation_id, end - count
 
 
+def route_of(body: JobCreate, config: TierqConfig) -> tuple[routes.Chain, str]:
+    """The request's route and the tier its job starts on; a Problem if there is none: an
+    unknown model (404, OpenAI's ``model_not_found``), or a request that needs what no
+    backend of the route can do (400 naming the field)."""
+    try:
+        chain = routes.resolve(config, body.model)
+    except routes.ModelNotFound:
+        message = f"The model '{body.model}' does not exist; GET /v1/models lists them."
+        raise Problem(
+            404, "Model not found", message,
+            errors=[{"field": "model", "message": "no route serves this model"}],
+            error={"message": message, "type": "invalid_request_error", "param": "model",
+                   "code": "model_not_found"},
+        ) from None  # fmt: skip
+    first = chain.first_tier(needs({**body.params(), "messages": body.message_dicts()}))
+    if isinstance(first, routes.Unservable):
+        message = f"{first.field}: {first} (model '{body.model}')"
+        raise Problem(
+            400, "Request not servable", message,
+            errors=[{"field": first.field, "message": str(first)}],
+            error={"message": message, "type": "invalid_request_error", "param": first.field,
+                   "code": "unsupported_feature"},
+        )  # fmt: skip
+    return chain, first
+
+
+def _turn_row(conversation_id: uuid.UUID, seq: int, message: dict[str, Any]) -> dict[str, Any]:
+    return {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": seq,
+            **turn_values(message)}  # fmt: skip
+
+
 def _previous_job(conn: Connection, conversation_id: uuid.UUID, before_seq: int) -> JobRow | None:
     return conn.execute(
         select(_JOBS.c.id, _JOBS.c.status)
@@ -111,20 +144,15 @@ def _insert(
     config: TierqConfig,
     stream: bool = False,
 ) -> tuple[JobRow, bool]:
+    chain, tier = route_of(body, config)
     conversation_id, first = _reserve_turns(
         conn, owner, body.conversation_id, len(body.messages) + 1
     )
     conn.execute(
         _INSERT_TURNS,
         [
-            {
-                "id": uuid.uuid4(),
-                "conversation_id": conversation_id,
-                "seq": first + offset,
-                "role": message.role,
-                "content": message.content,
-            }
-            for offset, message in enumerate(body.messages)
+            _turn_row(conversation_id, first + offset, message)
+            for offset, message in enumerate(body.message_dicts())
         ],
     )
     answer_seq = first + len(body.messages)
@@ -137,7 +165,8 @@ def _insert(
         "after_job_id": previous.id if previous else None,
         "answer_seq": answer_seq,
         "status": JobStatus.QUEUED,
-        "tier": config.tier_names[0],
+        "tier": tier,
+        "route": chain.model,
         "priority": body.priority,
         "deadline": body.deadline,
         # A streamed job's worker sends its tokens out as they come; the flag is not part

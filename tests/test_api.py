@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -112,7 +113,35 @@ def test_idempotency_key(client: TestClient, api_key: str, env: dict) -> None:
         ({**BODY, "priority": 1000}, "priority"),
         ({**BODY, "deadline": "2030-01-01T00:00:00"}, "deadline"),
         ({**BODY, "on_exhausted": "panic"}, "on_exhausted"),
-        ({**BODY, "bogus": 1}, "bogus"),
+        ({**BODY, "top_k": "a\u0000"}, "top_k"),  # an extra is passed on, but must be storable
+        ({**BODY, "stop": "\ud800"}, "stop"),  # a lone surrogate cannot be sent as UTF-8
+        ({**BODY, "user": "x\udfff"}, "user"),
+        ({**BODY, "tools": [{"type": "nope"}]}, "tools.0.type"),
+        ({**BODY, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({**BODY, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({**BODY, "logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+            "messages.0.content.0.type",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}
+                        ],
+                    }
+                ],
+            },
+            "messages.0.content.0.image_url.url",
+        ),
+        (
+            {"model": "m", "messages": [{"role": "tool", "content": "42"}]},
+            "messages.0.tool_call_id",
+        ),
         ({**BODY, "conversation_id": "not-a-uuid"}, "conversation_id"),
         ({**BODY, "conversation_id": str(uuid.uuid4())}, "conversation_id"),
         ({**BODY, "deadline": "0001-01-01T00:00:00+14:00"}, "deadline"),  # before year 1 in UTC
@@ -127,7 +156,9 @@ def test_bad_input_is_a_problem_naming_the_field_and_writes_nothing(
     client: TestClient, api_key: str, env: dict, body: dict, field: str
 ) -> None:
     before = row_counts(env["TIERQ_DATABASE_URL"])
-    response = client.post("/v1/jobs", json=body, headers=auth(api_key))
+    # As JSON with \u escapes: a lone surrogate has no UTF-8 form, a client sends it escaped.
+    headers = {**auth(api_key), "content-type": "application/json"}
+    response = client.post("/v1/jobs", content=json.dumps(body), headers=headers)
     assert response.status_code in (404, 422)
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()

@@ -145,7 +145,7 @@ def test_stream(
     client = client_for(make_config(protocol, sim_url), http=shared_http)
     deltas, answer = run(drain(client))
     assert len(deltas) == len(ANSWER.split())  # the simulator streams one word per delta
-    assert "".join(deltas) == ANSWER
+    assert "".join(d["content"] for d in deltas) == ANSWER
     assert answer == ChatAnswer(ANSWER, "stop", 5, len(deltas), "m-1")
 
 
@@ -232,7 +232,7 @@ def test_stopping_a_stream_early_is_clean(sim_url: str, control: SimulatorContro
             return deltas, (await client.chat(REQUEST)).content  # the pool is still usable
 
     deltas, content = asyncio.run(first_delta_then_chat())
-    assert deltas == [f"[{SIM}] "]
+    assert deltas == [{"content": f"[{SIM}] "}]
     assert content == ANSWER
 
 

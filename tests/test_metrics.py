@@ -445,6 +445,8 @@ def test_backends_lists_the_configured_backends_without_secrets(
         "last_probe_at",
         "last_latency_ms",
         "last_error",
+        "served_models",
+        "model_error",
     }
     assert secret not in response.text and "api_key" not in response.text
 

@@ -9,6 +9,7 @@ caller passes with ``extra_headers`` makes its retries safe.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,13 @@ from openai import OpenAI
 from tests.deployment import Deployment, backend, deployment, tier
 
 pytestmark = pytest.mark.slow
+
+
+def text_delta(text: str) -> dict[str, str]:
+    """A worker's stream entry carrying text, as tierq.streams writes it."""
+    return {"kind": "delta", "delta": json.dumps({"content": text})}
+
+
 QUESTION = [{"role": "user", "content": "what is durable?"}]
 
 
@@ -114,11 +122,11 @@ def sdk_completes_a_chat_and_lists_models(d: Deployment) -> None:
 
     # Bad input: a 4xx naming the field, no job written, nothing run.
     with pytest.raises(openai.UnprocessableEntityError) as bad:
-        client.chat.completions.create(model="tierq", messages=QUESTION, n=2)
-    assert bad.value.param == "n" and "n=1" in str(bad.value)
-    with pytest.raises(openai.UnprocessableEntityError) as unknown:
-        client.chat.completions.create(model="tierq", messages=QUESTION, logit_bias={"1": 2})
-    assert unknown.value.param == "logit_bias"
+        client.chat.completions.create(model="tierq", messages=QUESTION, n=0)
+    assert bad.value.param == "n" and "greater than or equal to 1" in str(bad.value)
+    with pytest.raises(openai.UnprocessableEntityError) as bad_bias:
+        client.chat.completions.create(model="tierq", messages=QUESTION, logit_bias={"x": 2})
+    assert bad_bias.value.param == "logit_bias.x"
     with pytest.raises(openai.AuthenticationError) as denied:
         OpenAI(base_url=f"{d.stack.api_url}/v1", api_key="tq_wrong").models.list()
     assert "not valid" in str(denied.value)
@@ -407,11 +415,11 @@ def test_the_last_deltas_reach_the_client_when_the_commit_follows_them_at_once(
     client, headers = in_process
     job_id = queued_job(client, headers)
     redis = redis_server.client()
-    redis.xadd(f"tierq:stream:{job_id}", {"kind": "delta", "text": "Hello"})
+    redis.xadd(f"tierq:stream:{job_id}", text_delta("Hello"))
 
     def last_words_then_commit() -> None:
         if not lost_in_redis:
-            redis.xadd(f"tierq:stream:{job_id}", {"kind": "delta", "text": ", world"})
+            redis.xadd(f"tierq:stream:{job_id}", text_delta(", world"))
         end_job(job_id, stored_answer("Hello, world"), backend="gpu-sim")
 
     with on_statement(LOAD_JOB, last_words_then_commit, when="before") as fired:
@@ -439,10 +447,10 @@ def test_a_retry_after_a_stream_reset_gets_the_answer_not_the_same_reset(
     client, headers = in_process
     job_id = queued_job(client, headers)
     redis, stream = redis_server.client(), f"tierq:stream:{job_id}"
-    redis.xadd(stream, {"kind": "delta", "text": "a failed attempt's"})
+    redis.xadd(stream, text_delta("a failed attempt's"))
 
     # The attempt fails after the client was shown its text: an error naming the job.
-    attempt_fails = lambda: redis.xadd(stream, {"kind": "reset", "text": ""})  # noqa: E731
+    attempt_fails = lambda: redis.xadd(stream, {"kind": "reset"})  # noqa: E731
     with on_statement(LOAD_JOB, attempt_fails, when="before"):
         first = stream_chat(client, headers)
     assert streamed_text(first) == "a failed attempt's"
@@ -450,7 +458,7 @@ def test_a_retry_after_a_stream_reset_gets_the_answer_not_the_same_reset(
 
     # The retry with the same key follows the next attempt, from after the reset.
     def next_attempt_answers() -> None:
-        redis.xadd(stream, {"kind": "delta", "text": "the answer"})
+        redis.xadd(stream, text_delta("the answer"))
         end_job(job_id, stored_answer("the answer"), backend="gpu-sim")
 
     with on_statement(LOAD_JOB, next_attempt_answers, when="before") as fired:

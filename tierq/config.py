@@ -25,6 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from tierq.errors import ErrorClass
+from tierq.features import Feature, unsupported
+
 EMERGENCY_QUEUE = "emergency"
 RESERVED_NAMES = {EMERGENCY_QUEUE, "minimal", "webhooks"}
 
@@ -77,6 +80,16 @@ class BackendConfig(_Strict):
     paid: bool = Field(False, description="Calls cost money: no canary probes by default.")
     breaker: BreakerConfig | None = Field(None, description="Overrides the tier's breaker.")
     health: HealthConfig = HealthConfig()
+    unsupported: list[Feature] = Field(
+        default_factory=list,
+        description="What the server cannot do (tools, images, json_schema, ...): requests "
+        "that need it skip this backend; max_completion_tokens is sent as max_tokens.",
+    )
+
+    @property
+    def lacks(self) -> frozenset[Feature]:
+        """What this backend cannot do: declared, and what its protocol cannot carry."""
+        return unsupported(self.protocol, self.unsupported)
 
     @property
     def canary(self) -> bool:
@@ -122,6 +135,41 @@ class TierConfig(_Strict):
     degrade: DegradeConfig = DegradeConfig()
 
 
+RETRYABLE = [c for c in ErrorClass if c.retryable]
+
+
+class StepConfig(_Strict):
+    """One step of a route's chain: a tier, and how a job moves on from it."""
+
+    tier: str
+    degrade: DegradeConfig | None = Field(
+        None, description="What changes in a request that reaches this step (default: the "
+        "tier's degrade rules); never applied on the first step."
+    )  # fmt: skip
+    escalate_on: list[ErrorClass] = Field(
+        default_factory=lambda: list(RETRYABLE),
+        description="Failures that move a job on to the next step once this step's tries "
+        "are used up; others end the route there (on_exhausted).",
+    )
+    call_timeout: float | None = Field(
+        None, gt=0, description="Seconds a call on this step may take: a slower one is "
+        "abandoned as a timeout (a latency bound that moves jobs on)."
+    )  # fmt: skip
+
+
+class RouteConfig(_Strict):
+    """A model name clients send (and its aliases), mapped to a chain of tiers."""
+
+    model: str = Field(min_length=1, max_length=255)
+    aliases: list[str] = Field(default_factory=list)
+    description: str | None = None
+    chain: list[StepConfig] = Field(min_length=1)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.model, *self.aliases]
+
+
 class MinimalConfig(_Strict):
     cache_max_age: float = Field(3600.0, ge=0)
     rules: str | None = Field(None, pattern=r"^[\w.]+:[\w]+$")
@@ -160,6 +208,15 @@ class TierqConfig(_Strict):
     minimal: MinimalConfig = MinimalConfig()
     emergency: EmergencyConfig = EmergencyConfig()
     on_exhausted: OnExhausted = "park"
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description="Model names and their chains of tiers; none: one route, every tier in "
+        "order, whatever model a request names.",
+    )
+    default_route: str | None = Field(
+        None, description="The route of a model no route names (default: such a model is "
+        "not found); a route's model name."
+    )  # fmt: skip
     version: str = Field("", description="Filled in with the file's hash; not set by hand.")
 
     @model_validator(mode="after")
@@ -201,6 +258,26 @@ class TierqConfig(_Strict):
                     chain.append(step)
         return self
 
+    @model_validator(mode="after")
+    def _routes_are_sound(self) -> TierqConfig:
+        tiers, seen = set(self.tier_names), set()
+        for i, route in enumerate(self.routes):
+            for name in route.names:
+                if name in seen:
+                    raise ValueError(f"routes.{i}: model name '{name}' is used more than once")
+                seen.add(name)
+            steps = [step.tier for step in route.chain]
+            for j, tier in enumerate(steps):
+                if tier not in tiers:
+                    raise ValueError(f"routes.{i}.chain.{j}.tier: no tier '{tier}'")
+                if steps.index(tier) != j:
+                    raise ValueError(f"routes.{i}.chain.{j}.tier: '{tier}' is already a step")
+        if self.default_route is not None and self.default_route not in {
+            r.model for r in self.routes
+        }:
+            raise ValueError(f"default_route: no route with model '{self.default_route}'")
+        return self
+
     @property
     def tier_names(self) -> list[str]:
         return [t.name for t in self.tiers]
@@ -233,7 +310,7 @@ def _describe(error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         # Whole-file checks name their key in the message themselves.
-        named = not item["loc"] or message.startswith(("tiers.", "backend"))
+        named = not item["loc"] or message.startswith(("tiers.", "backend", "routes.", "default"))
         lines.append(message if named else f"{key}: {message}")
     return "; ".join(lines)
 

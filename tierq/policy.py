@@ -113,6 +113,8 @@ class Snapshot:
     seconds_left: float | None
     on_exhausted: OnExhausted
     larger_context: tuple[str, str] | None = None
+    # The failures that move a job on from this step of its route (the step's triggers).
+    escalate_on: frozenset[ErrorClass] = frozenset(c for c in ErrorClass if c.retryable)
     jitter: float
 
 
@@ -223,17 +225,21 @@ def _retry_or_move_on(failed: Failed, snapshot: Snapshot) -> Decision:
     if left is not None and left <= 0:
         return Fail(f"deadline passed; last: {failed}")
     delay = backoff(snapshot.retry, snapshot.tries, failed.retry_after, snapshot.jitter)
+    moves_on = failed.error_class in snapshot.escalate_on
     if delay is None:
         # Holding the job that long while other tiers may be alive is waiting on failure.
         return _exhausted(
             f"{failed.backend} asks to wait {failed.retry_after:g}s, longer than tier "
             f"{snapshot.tier}'s max_delay of {snapshot.retry.max_delay:g}s; last: {failed}",
             snapshot,
+            moves_on,
         )
     if _may_retry(failed, snapshot, delay):
         return Retry(delay, str(failed), counts_retry=True)
     return _exhausted(
-        f"tier {snapshot.tier} exhausted after {snapshot.tries} tries; last: {failed}", snapshot
+        f"tier {snapshot.tier} exhausted after {snapshot.tries} tries; last: {failed}",
+        snapshot,
+        moves_on,
     )
 
 
@@ -287,9 +293,10 @@ def _stopped(stopped: Stopped, snapshot: Snapshot) -> Decision:
             assert_never(stopped.why)
 
 
-def _exhausted(reason: str, snapshot: Snapshot) -> Decision:
-    """This tier cannot answer: the next tier, or what the request accepts after the last."""
-    if snapshot.next_tier is not None:
+def _exhausted(reason: str, snapshot: Snapshot, moves_on: bool = True) -> Decision:
+    """This tier cannot answer: the next tier, or what the request accepts after the last
+    (also when the failure is not one that moves a job on from this step of its route)."""
+    if snapshot.next_tier is not None and moves_on:
         return Escalate(snapshot.next_tier, reason)
     match snapshot.on_exhausted:
         case "fail":

@@ -1,6 +1,7 @@
 """Token streams from a worker to the API, through a Redis stream per job.
 
-The worker appends each text delta as the backend produces it; the API reads from where it
+The worker appends each delta (text, tool-call pieces: an OpenAI chunk's delta) as the
+backend produces it; the API reads from where it
 left off and forwards them as SSE. The stream is transport only: the answer itself is
 persisted like any other, and a stream that is lost (Redis restart) costs the live view,
 not the answer. A ``reset`` entry tells readers that an attempt failed after it had
@@ -9,11 +10,13 @@ streamed text, so what they have shown is void.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -27,7 +30,7 @@ MAX_ENTRIES = 100_000
 class Entry:
     id: str
     kind: str  # delta, reset or end
-    text: str
+    delta: dict[str, Any]  # a delta entry's OpenAI delta; {} for the others
 
 
 def _key(job_id: uuid.UUID | str) -> str:
@@ -48,14 +51,15 @@ def available() -> bool:
     return _client() is not None
 
 
-def append(job_id: uuid.UUID | str, kind: str, text: str = "") -> None:
+def append(job_id: uuid.UUID | str, kind: str, delta: dict[str, Any] | None = None) -> None:
     """Best effort: a Redis hiccup must never fail the job whose tokens these are."""
     client = _client()
     if client is None:
         return
     with suppress(redis.RedisError):
         pipe = client.pipeline(transaction=False)
-        pipe.xadd(_key(job_id), {"kind": kind, "text": text}, maxlen=MAX_ENTRIES, approximate=True)
+        fields = {"kind": kind, "delta": json.dumps(delta or {})}
+        pipe.xadd(_key(job_id), fields, maxlen=MAX_ENTRIES, approximate=True)
         pipe.expire(_key(job_id), RETENTION_SECONDS)
         pipe.execute()
 
@@ -68,7 +72,7 @@ def read(job_id: uuid.UUID | str, after: str, block_ms: int | None) -> Iterator[
     found = client.xread({_key(job_id): after}, block=block_ms, count=500)
     for _key_name, entries in found or []:
         for entry_id, fields in entries:
-            yield Entry(entry_id, fields["kind"], fields.get("text", ""))
+            yield Entry(entry_id, fields["kind"], json.loads(fields.get("delta") or "{}"))
 
 
 START = "0-0"  # before every entry

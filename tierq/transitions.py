@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from tierq.db import db_now, db_random
 from tierq.events import notify_job_changed, record_event
 from tierq.leases import HOLDS_LEASE, IS_LEASE, Lease, jobs, lease_params, param
+from tierq.messages import turn_values
 from tierq.models import ACTIVE_STATUSES, Attempt, Job, JobStatus, Turn
 
 _RELEASED = {
@@ -127,8 +128,7 @@ def succeed(
         {
             "conversation_id": job.conversation_id,
             "seq": job.answer_seq,
-            "role": "assistant",
-            "content": result["choices"][0]["message"]["content"],
+            **turn_values(result["choices"][0]["message"]),
             "job_id": job.id,
         },
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import assert_never
+from typing import Any, assert_never
 
 from sqlalchemy.orm import Session
 
 from tierq import transitions
 from tierq.config import BackendConfig, TierConfig, TierqConfig
+from tierq.features import needs
 from tierq.leases import Lease
 from tierq.models import Backend, Job
 from tierq.policy import (
@@ -24,6 +25,7 @@ from tierq.policy import (
     Retry,
     Snapshot,
 )
+from tierq.routes import Chain, Step
 from worker import circuit, minimal
 from worker.answers import completion
 from worker.backends.base import ChatAnswer
@@ -36,7 +38,16 @@ class Claimed:
     lease: Lease
     job: Job
     tier: TierConfig
-    original: dict[str, object]  # the first tier's request: the minimal tier's cache key
+    original: dict[str, Any]  # the first step's request: the minimal tier's cache key
+    chain: Chain  # the job's route
+
+    @property
+    def step(self) -> Step:
+        return self.chain.step(self.tier.name)
+
+    @property
+    def first_step(self) -> bool:
+        return self.chain.is_first(self.tier.name)
 
 
 def snapshot(
@@ -48,7 +59,8 @@ def snapshot(
     larger = backend.larger_context if backend is not None else None
     return Snapshot(
         tier=tier.name,
-        next_tier=config.next_tier(tier.name),
+        next_tier=claimed.chain.next_tier(tier.name, needs(claimed.original)),
+        escalate_on=claimed.step.escalate_on,
         tier_backends=len(tier.backends),
         tries=job.tier_attempts + 1,
         retry=tier.retry,
@@ -82,11 +94,11 @@ def apply(
         case Degrade(reason=reason):
             found = minimal.answer(session, config.minimal, claimed.original, claimed.job.owner_id)
             if found is None:
-                _park(session, config, lease, reason)
+                _park(session, config, claimed, reason)
             else:
                 _minimal_answer(session, claimed, found)
         case Park(reason=reason):
-            _park(session, config, lease, reason)
+            _park(session, config, claimed, reason)
         case Fail(reason=reason):
             transitions.fail(session, lease, reason)
         case HandOver(reason=reason):
@@ -98,13 +110,15 @@ def apply(
     return None
 
 
-def _park(session: Session, config: TierqConfig, lease: Lease, reason: str) -> None:
+def _park(session: Session, config: TierqConfig, claimed: Claimed, reason: str) -> None:
+    """Parked on its route's first step that can serve it: replayed from there."""
     emergency = config.emergency
+    first = claimed.chain.first_tier(needs(claimed.original))
     transitions.park(
         session,
-        lease,
+        claimed.lease,
         f"{emergency.message} ({reason})",
-        first_tier=config.tier_names[0],
+        first_tier=first if isinstance(first, str) else claimed.tier.name,
         retry_after=emergency.retry_after,
     )
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from tierq.leases import Lease
 from tierq.policy import Stopped, StopReason
-from worker.backends.base import ChatAnswer
+from worker.backends.base import ChatAnswer, Delta
 
 _END = object()  # the end of a call's queue of deltas
 # A backend call: given where to emit streamed text deltas, the answer.
-Call = Callable[[Callable[[str], None]], Awaitable[ChatAnswer]]
+Call = Callable[[Callable[[Delta], None]], Awaitable[ChatAnswer]]
 
 
 @dataclass
@@ -52,11 +52,11 @@ class Calls:
             return [running.lease for running in self._running.values()]
 
     def run(
-        self, lease: Lease, call: Call, on_delta: Callable[[str], None] | None = None
+        self, lease: Lease, call: Call, on_delta: Callable[[Delta], None] | None = None
     ) -> ChatAnswer | Stopped:
         """Run ``call(emit)`` on the loop and wait for it; raises what the call raises.
 
-        A streamed call emits each text delta; ``on_delta`` gets them here, in this thread
+        A streamed call emits each delta; ``on_delta`` gets them here, in this thread
         (it writes to Redis, which must not block the loop), in order, as they arrive."""
         running = _Running(lease)
         deltas: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -76,7 +76,7 @@ class Calls:
                 self._running.pop(lease.job_id, None)
 
     async def _guarded(
-        self, running: _Running, call: Call, emit: Callable[[str], None]
+        self, running: _Running, call: Call, emit: Callable[[Delta], None]
     ) -> ChatAnswer | Stopped:
         running.task = asyncio.current_task()  # type: ignore[assignment]
         if running.why is not None:  # stopped before it started

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 from tierq import leases
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.db import db_now
+from tierq.features import Feature, missing
 from tierq.models import Backend, Circuit, Health, Job
 from worker import circuit
 
@@ -156,17 +158,22 @@ def choose(
     lease: leases.Lease,
     pinned: str | None = None,
     lease_seconds: float = 30.0,
+    needs: Collection[Feature] = (),
 ) -> Route | Full | None:
     """A backend of ``tier`` to call now, with its breaker permit and a call slot taken for
     ``lease``'s job (give it back with ``leases.end_call``). Full: every backend that would
     take a call is at its cap. None: nothing in the tier is alive. The lease runs
     ``lease_seconds`` from the moment the slot is taken (waiting for the locks is not
-    the call's time).
+    the call's time). Only backends that can do what the request ``needs`` are considered.
 
     The rows and counts are read without a lock (they order the candidates); the slot locks
     are taken only then, and the caller commits right after: every worker's claim of this
     tier waits on them, so they are held for as few statements as possible."""
-    wanted = [b for b in tier.backends if pinned is None or b.name == pinned]
+    wanted = [
+        b
+        for b in tier.backends
+        if (pinned is None or b.name == pinned) and not missing(needs, b.lacks)
+    ]
     candidates = _candidates(session, config, wanted)
     full = [c.config.name for c in candidates if not c.has_slot and c.row.circuit == Circuit.CLOSED]
     ordered = _ordered([c for c in candidates if c.has_slot])

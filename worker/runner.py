@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tierq import broker, leases, streams, transitions
+from tierq import broker, leases, routes, streams, transitions
 from tierq.config import BackendConfig, TierConfig, TierqConfig
 from tierq.crash import crash_point
 from tierq.db import session_scope
 from tierq.errors import ErrorClass
 from tierq.events import record_event
+from tierq.features import needs
 from tierq.models import Job, Turn
 from tierq.policy import Expired, Failed, NoLiveBackend, Outcome, Stopped, TierFull, decide
 from tierq.settings import Settings
@@ -40,7 +41,7 @@ from worker import circuit, minimal, routing
 from worker.answers import build_request, completion, notice_prefix
 from worker.apply import Claimed, apply, snapshot
 from worker.backends import BackendClient, client_for
-from worker.backends.base import BackendError, ChatAnswer
+from worker.backends.base import BackendError, ChatAnswer, Delta
 from worker.calls import Calls
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,9 @@ class JobRunner:
                 # Claimed and nothing else done; dying here rolls the claim back with the rest.
                 crash_point("worker.after_claim")
                 turns = self._turns(session, job)
-                first = self.config.tier(self.config.tier_names[0])
-                original = build_request(job, turns, first, first_tier=True)
-                held = Claimed(lease, job, tier, original)
+                chain = routes.of_job(self.config, job.route)
+                original = build_request(job, turns, chain.steps[0], first_step=True)
+                held = Claimed(lease, job, tier, original, chain)
                 route = self._choose(session, held, time_left)
                 if isinstance(route, routing.Route):
                     record_event(
@@ -142,6 +143,7 @@ class JobRunner:
             claimed.lease,
             job.pinned_backend,
             lease_seconds=self.settings.lease_seconds,
+            needs=needs(claimed.original),
         )
         if isinstance(route, routing.Full):
             return TierFull(route.backends)
@@ -172,32 +174,33 @@ class JobRunner:
         """The backend call, with no database connection held; a streaming job's tokens go
         out as they arrive. Bounded by the job's deadline."""
         claimed, backend = prepared.claimed, prepared.route.backend
-        first_tier = claimed.tier.name == self.config.tier_names[0]
-        request = build_request(claimed.job, prepared.turns, claimed.tier, first_tier)
-        model = None if first_tier else claimed.tier.degrade.model
-        notice = None if first_tier else claimed.tier.degrade.notice
-        seconds = prepared.time_left
+        step, first = claimed.step, claimed.first_step
+        request = build_request(claimed.job, prepared.turns, step, first)
+        model = None if first else step.degrade.model
+        notice = None if first else step.degrade.notice
+        seconds = _sooner(prepared.time_left, step.call_timeout)
         streamed = bool(request.pop("stream", False)) and streams.available()
         client = self.client(backend)
         job_id = claimed.job.id
 
-        async def call(emit: Callable[[str], None]) -> ChatAnswer:
+        async def call(emit: Callable[[Delta], None]) -> ChatAnswer:
             try:
                 async with asyncio.timeout(seconds):
                     if not streamed:
                         return await client.chat(request, model=model, timeout=seconds)
                     if notice:  # the stored answer starts with it: so does the streamed one
-                        emit(notice_prefix(notice))
+                        emit({"content": notice_prefix(notice)})
                     return await client.stream(request, model=model, timeout=seconds, on_delta=emit)
             except TimeoutError:
+                why = "the job's deadline" if seconds == prepared.time_left else "call_timeout"
                 raise BackendError(
-                    ErrorClass.TIMEOUT, f"{backend.name}: the job's deadline came mid-call"
+                    ErrorClass.TIMEOUT, f"{backend.name}: {why} came mid-call"
                 ) from None
 
         sent: list[bool] = []
 
-        def on_delta(text: str) -> None:
-            streams.append(job_id, "delta", text)
+        def on_delta(delta: Delta) -> None:
+            streams.append(job_id, "delta", delta)
             sent.append(True)
 
         crash_point(
@@ -246,9 +249,9 @@ class JobRunner:
         lease makes only the fenced writes match nothing; the outage record still commits."""
         claimed, route = prepared.claimed, prepared.route
         job, tier, name = claimed.job, claimed.tier, route.backend.name
-        first_tier = tier.name == self.config.tier_names[0]
-        quality = "full" if first_tier else "reduced"
-        notice = None if first_tier else tier.degrade.notice
+        first = claimed.first_step
+        quality = "full" if first else "reduced"
+        notice = None if first else claimed.step.degrade.notice
         result = completion(
             job, answer, tier=tier.name, backend=name, quality=quality, notice=notice
         )
@@ -279,6 +282,10 @@ class JobRunner:
             streams.append(job.id, "end")
         for successor, successor_tier in waiting:
             broker.publish(successor, successor_tier)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _attempt(

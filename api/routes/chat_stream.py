@@ -70,25 +70,45 @@ class ChunkWriter:
             body["tierq"] = tierq  # the OpenAI SDK keeps unknown fields (chunk.tierq)
         return _sse(body)
 
-    def text(self, text: str) -> bytes:
-        delta = {"content": text} if self.started else {"role": "assistant", "content": text}
+    def delta(self, delta: dict[str, Any]) -> bytes:
+        """One delta as the backend sent it (text, tool-call pieces); the first has the role."""
+        if not self.started:
+            delta = {"role": "assistant", **delta}
         self.started = True
         return self.chunk(delta)
 
-    def finish(self, job: Job, shown: str) -> list[bytes]:
-        """The end of a succeeded job's stream, after ``shown`` was sent as deltas: the
-        rest of the stored answer (all of it if nothing was shown), then finish_reason."""
+    def finish(self, job: Job, shown: list[dict[str, Any]]) -> list[bytes]:
+        """The end of a succeeded job's stream, after the ``shown`` deltas: what of the
+        stored answer they did not carry (all of it if nothing was shown), then
+        finish_reason."""
         result = job.result or {}
         choice = (result.get("choices") or [{}])[0]
-        content = choice.get("message", {}).get("content") or ""
-        # Normally nothing is left; a delta lost on its way through Redis is made up here.
-        rest = content[len(shown) :] if content.startswith(shown) else ""
-        frames = [self.text(rest)] if rest or not self.started else []
+        message = choice.get("message") or {}
+        frames = [self.delta(rest) for rest in _unshown(message, shown)]
+        if not self.started:
+            frames.append(self.delta({"content": ""}))
         tierq = {"job_id": str(job.id), "served_by": ServedBy.of(job).model_dump()}
         frames.append(self.chunk({}, choice.get("finish_reason", "stop"), tierq=tierq))
         if self.include_usage and result.get("usage"):
             frames.append(self.chunk({}, usage=result["usage"]))
         return [*frames, _sse("[DONE]")]
+
+
+def _unshown(message: dict[str, Any], shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts of the stored message the client was not shown as deltas. Normally none;
+    a delta lost on its way through Redis (or a whole answer never streamed: a replay, the
+    minimal tier) is made up here: the rest of the text, and the tool calls whole."""
+    rest: list[dict[str, Any]] = []
+    text = "".join(d.get("content") or "" for d in shown)
+    content = message.get("content") or ""
+    if content.startswith(text) and content[len(text) :]:
+        rest.append({"content": content[len(text) :]})
+    calls = message.get("tool_calls") or []
+    if calls and not any(d.get("tool_calls") for d in shown):
+        rest.append({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+    if message.get("refusal") and not any(d.get("refusal") for d in shown):
+        rest.append({"refusal": message["refusal"]})
+    return rest
 
 
 def _error(job: Job, message: str, code: str) -> bytes:
@@ -137,11 +157,11 @@ class LiveView:
     """What one request has read from the job's stream and shown to its client."""
 
     after: str
-    shown: list[str] = field(default_factory=list)
+    shown: list[dict[str, Any]] = field(default_factory=list)
     reset: bool = False  # an attempt failed after this client was shown its text
 
-    def take(self, entries: list[streams.Entry]) -> list[str]:
-        """The texts to send now. A reset voids the deltas before it: skipped if none was
+    def take(self, entries: list[streams.Entry]) -> list[dict[str, Any]]:
+        """The deltas to send now. A reset voids the deltas before it: skipped if none was
         shown yet, an error for the client otherwise."""
         if entries:
             self.after = entries[-1].id
@@ -151,16 +171,16 @@ class LiveView:
             return []
         if resets:
             entries = entries[resets[-1] + 1 :]
-        texts = [entry.text for entry in entries if entry.kind == "delta"]
-        self.shown.extend(texts)
-        return texts
+        deltas = [entry.delta for entry in entries if entry.kind == "delta"]
+        self.shown.extend(deltas)
+        return deltas
 
 
 async def _live(
     request: Request, caller: Caller, job: Job, writer: ChunkWriter, wait: float
 ) -> AsyncIterator[bytes]:
     if _settled(job):  # e.g. a retry with the same Idempotency-Key after the job ended
-        for frame in _ending(job, writer, ""):
+        for frame in _ending(job, writer, []):
             yield frame
         return
     view = LiveView(await run_in_threadpool(streams.after_last_reset, job.id))
@@ -168,9 +188,9 @@ async def _live(
     give_up_at = loop.time() + wait
     quiet_since = loop.time()
     while not await request.is_disconnected():
-        for text in view.take(await run_in_threadpool(_read, job, view.after, BLOCK_MS)):
+        for delta in view.take(await run_in_threadpool(_read, job, view.after, BLOCK_MS)):
             quiet_since = loop.time()
-            yield writer.text(text)
+            yield writer.delta(delta)
         if view.reset:
             yield _stream_reset(job)
             return
@@ -178,10 +198,10 @@ async def _live(
         if _settled(current):
             # The worker writes every delta before it commits: whatever came after the
             # read above is in the stream now.
-            for text in view.take(await run_in_threadpool(_read, job, view.after, None)):
-                yield writer.text(text)
+            for delta in view.take(await run_in_threadpool(_read, job, view.after, None)):
+                yield writer.delta(delta)
             frames = [_stream_reset(job)] if view.reset else None
-            for frame in frames or _ending(current, writer, "".join(view.shown)):
+            for frame in frames or _ending(current, writer, view.shown):
                 yield frame
             return
         if not view.shown and loop.time() >= give_up_at:
@@ -193,7 +213,7 @@ async def _live(
     raise ClientGone  # the loop ends only when the client has disconnected
 
 
-def _ending(job: Job, writer: ChunkWriter, shown: str) -> list[bytes]:
+def _ending(job: Job, writer: ChunkWriter, shown: list[dict[str, Any]]) -> list[bytes]:
     if job.status == JobStatus.SUCCEEDED:
         return writer.finish(job, shown)
     return [_error(job, f"{job.status}: {job.error or ''}", f"job_{job.status}")]
@@ -212,7 +232,7 @@ async def _whole(
     if not JobStatus(ended.status).terminal:
         yield _not_finished(ended)
         return
-    for frame in _ending(ended, writer, ""):
+    for frame in _ending(ended, writer, []):
         yield frame
 
 

@@ -36,11 +36,12 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import Field, field_validator
+from pydantic import ValidationInfo, field_validator
 from sqlalchemy import select
 
 from api import disconnect
 from api.auth import Caller, current_caller
+from api.chat_request import StreamOptions
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
@@ -160,21 +161,20 @@ class ChatCompletionCreate(JobCreate):
     """The OpenAI chat-completions body (tierq's options may ride along in the body)."""
 
     stream: bool | None = None
-    stream_options: dict[str, Any] | None = None
-    n: int | None = Field(None, description="Choices to generate; tierq generates one.")
+    stream_options: StreamOptions | None = None
 
-    @field_validator("n")
+    @field_validator("stream")
     @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError("tierq returns one choice per request; send n=1 or leave n out")
+    def _one_streamed_choice(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and (info.data.get("n") or 1) > 1:
+            raise ValueError("a streamed answer carries one choice: send n=1 or stream=false")
         return value
 
     def job(self) -> JobCreate:
         """The job this request becomes: the same job, and the same Idempotency-Key
         fingerprint, as the same chat sent to ``POST /v1/jobs``, streamed or not."""
         return JobCreate.model_validate(
-            self.model_dump(exclude={"n", "stream", "stream_options"}, exclude_none=True)
+            self.model_dump(exclude={"stream", "stream_options"}, exclude_none=True)
         )
 
 
@@ -301,7 +301,7 @@ async def create_chat_completion(
             request.app.state.tier_config,
             True,
         )
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = stream_job(
             request, caller, accepted.job, include_usage, _wait_seconds(read_timeout)
         )

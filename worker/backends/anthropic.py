@@ -10,8 +10,10 @@ from typing import Any
 from worker.backends.base import (
     BackendClient,
     ChatAnswer,
+    Delta,
     aiter_sse,
     as_int,
+    count_of,
     dict_at,
     max_tokens_of,
     text_of,
@@ -100,7 +102,7 @@ class AnthropicClient(BackendClient):
         *,
         model: str | None = None,
         timeout: float | None = None,
-        on_delta: Callable[[str], None],
+        on_delta: Callable[[Delta], None],
     ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
         state = _StreamState()
@@ -110,7 +112,7 @@ class AnthropicClient(BackendClient):
                 async for event in aiter_sse(response.aiter_lines()):
                     delta = self._take_event(event.event, event.data, state)
                     if delta:
-                        on_delta(delta)
+                        on_delta({"content": delta})
                     if state.stopped:
                         break
         if not state.stopped:
@@ -175,16 +177,18 @@ class AnthropicClient(BackendClient):
 
     def _answer(self, text: str, stop_reason: Any, usage: dict[str, Any], model: Any) -> ChatAnswer:
         # Cached prompt tokens are counted apart from input_tokens; a prompt is all of them.
-        prompt = sum(
-            as_int(usage.get(k))
-            for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        parts = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        prompt = (
+            sum(as_int(usage.get(k)) for k in parts)
+            if count_of(usage.get("input_tokens")) is not None
+            else None
         )
         reason = stop_reason if isinstance(stop_reason, str) else "end_turn"
         return ChatAnswer(
             content=text,
             finish_reason=FINISH_REASONS.get(reason, reason),
             prompt_tokens=prompt,
-            completion_tokens=as_int(usage.get("output_tokens")),
+            completion_tokens=count_of(usage.get("output_tokens")),
             model=str(model or self.config.model),
         )
 

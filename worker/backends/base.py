@@ -16,13 +16,14 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, Self
 
 import httpx
 
 from tierq.config import BackendConfig
 from tierq.errors import ErrorClass as ErrorClass  # re-exported: its home before tierq.errors
+from tierq.messages import text_of as text_of  # re-exported for the protocol clients
 from worker.backends.errors import BackendError, class_for_status, error_info, parse_retry_after
 
 # A liveness probe must not tie a worker up for a model-sized read timeout.
@@ -34,13 +35,48 @@ LIVENESS_READ_TIMEOUT = 5.0
 KEEPALIVE_CONNECTIONS = 256
 
 
+# A piece of a streamed answer, as OpenAI streams it: a chunk's ``choices[0].delta``, with
+# ``content``, ``tool_calls`` (each with its ``index``; id, type and function name on the
+# first piece, argument text after), ``refusal``. Every protocol's stream is told in it.
+Delta = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class ChatAnswer:
-    content: str
+    """An answer in OpenAI's vocabulary, whatever protocol it came over.
+
+    Token counts the server did not report are None (unknown), never 0. ``extra`` keeps the
+    message fields a server adds (reasoning_content, audio, ...) so they reach the client.
+    """
+
+    content: str | None
     finish_reason: str  # OpenAI vocabulary: stop, length, tool_calls, content_filter
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
     model: str
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Choices after the first, as the server sent them (a request with n > 1).
+    more_choices: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """What a person reads: the content, else the refusal."""
+        return self.content or self.refusal or ""
+
+    def message(self, prefix: str = "") -> dict[str, Any]:
+        """The assistant message; ``prefix`` goes before its text (a degraded tier's notice)."""
+        content = self.content
+        if prefix and (content or not self.tool_calls):
+            content = prefix + (content or "")
+        message: dict[str, Any] = {**self.extra, "role": "assistant", "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.refusal is not None:
+            message["refusal"] = self.refusal
+        return message
 
 
 @dataclass
@@ -81,14 +117,9 @@ def as_int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def text_of(content: Any) -> str:
-    """The text of an OpenAI message content: a string or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        return "".join(p for p in parts if isinstance(p, str))
-    return ""
+def count_of(value: Any) -> int | None:
+    """A token count the server reported, or None: not reported is unknown, not zero."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def max_tokens_of(request: Mapping[str, Any]) -> int | None:
@@ -153,9 +184,10 @@ class BackendClient(ABC):
         *,
         model: str | None = None,
         timeout: float | None = None,
-        on_delta: Callable[[str], None],
+        on_delta: Callable[[Delta], None],
     ) -> ChatAnswer:
-        """Like ``chat``, streamed: ``on_delta`` gets each text delta, in order, as it arrives.
+        """Like ``chat``, streamed: ``on_delta`` gets each delta (text, tool-call pieces), in
+        order, as it arrives.
 
         Errors, including those reported mid-stream and a stream that ends without the
         server's finish (the finish reason, [DONE], message_stop, a done line), raise

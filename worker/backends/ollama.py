@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from worker.backends.base import BackendClient, ChatAnswer, as_int, max_tokens_of, text_of
+from worker.backends.base import BackendClient, ChatAnswer, Delta, count_of, max_tokens_of, text_of
 from worker.backends.errors import ErrorInfo, class_for_stream_error
 
 PATH = "/api/chat"
@@ -68,7 +68,7 @@ class OllamaClient(BackendClient):
         *,
         model: str | None = None,
         timeout: float | None = None,
-        on_delta: Callable[[str], None],
+        on_delta: Callable[[Delta], None],
     ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
         parts: list[str] = []
@@ -82,7 +82,7 @@ class OllamaClient(BackendClient):
                     content = self._content_of(data)
                     if content:
                         parts.append(content)
-                        on_delta(content)
+                        on_delta({"content": content})
                     if data.get("done") is True:
                         return self._answer(data, "".join(parts))
         self.malformed("the stream ended without a done line")
@@ -114,8 +114,8 @@ class OllamaClient(BackendClient):
         return ChatAnswer(
             content=content,
             finish_reason=reason if isinstance(reason, str) and reason else "stop",
-            prompt_tokens=as_int(final.get("prompt_eval_count")),
-            completion_tokens=as_int(final.get("eval_count")),
+            prompt_tokens=count_of(final.get("prompt_eval_count")),
+            completion_tokens=count_of(final.get("eval_count")),
             model=str(final.get("model") or self.config.model),
         )
 

@@ -1,28 +1,34 @@
-"""OpenAI-compatible chat completions: vLLM, TGI, llama.cpp, Ollama's /v1, OpenAI itself."""
+"""OpenAI-compatible chat completions: vLLM, TGI, llama.cpp, Ollama's /v1, OpenAI itself.
+
+The request goes out as the client sent it, fields tierq does not know included (server
+extras: ``top_k``, ``min_p``, ``guided_json``, ...); the answer comes back whole: tool
+calls, refusal, logprobs, the server's own message fields. A stream is folded into the
+same answer as it goes, and counts as one only if the server said it finished (a
+``finish_reason``): llama.cpp ends a stream it interrupts with a bare ``[DONE]``.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from worker.backends.base import BackendClient, ChatAnswer, aiter_sse, as_int, dict_at
+from tierq.features import Feature
+from worker.backends.base import (
+    BackendClient,
+    ChatAnswer,
+    Delta,
+    aiter_sse,
+    count_of,
+    dict_at,
+)
 from worker.backends.errors import ErrorInfo, class_for_stream_error, error_info_of
+from worker.backends.openai_stream import StreamState
 
 PATH = "/v1/chat/completions"
 # Set by tierq for every call; a client's own values would fight the configuration.
 MANAGED_KEYS = frozenset({"model", "stream", "stream_options"})
-
-
-@dataclass
-class _StreamState:
-    """What a stream has said so far; usage arrives last, when the server sends it."""
-
-    parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    model: str | None = None
-    usage: dict[str, Any] | None = None
+MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "refusal"})
 
 
 class OpenAIClient(BackendClient):
@@ -38,6 +44,9 @@ class OpenAIClient(BackendClient):
     ) -> dict[str, Any]:
         body = {k: v for k, v in request.items() if k not in MANAGED_KEYS}
         body["model"] = model or self.config.model
+        if Feature.MAX_COMPLETION_TOKENS in self.config.lacks and "max_completion_tokens" in body:
+            # A server that ignores the newer name would generate without a limit.
+            body["max_tokens"] = body.pop("max_completion_tokens")
         if stream:
             # Without include_usage a stream carries no token counts at all.
             body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -49,17 +58,23 @@ class OpenAIClient(BackendClient):
         data = await self.post_json(
             PATH, self.body(request, stream=False, model=model), self.timeout_within(timeout)
         )
-        message, finish_reason = self._first_choice(data)
+        choice, message = self._first_choice(data)
         usage = dict_at(data, "usage")
+        finish = choice.get("finish_reason")
         return ChatAnswer(
-            content=_text(message.get("content")) or _text(message.get("refusal")),
-            finish_reason=finish_reason or "stop",
-            prompt_tokens=as_int(usage.get("prompt_tokens")),
-            completion_tokens=as_int(usage.get("completion_tokens")),
+            content=message.get("content"),
+            finish_reason=finish if isinstance(finish, str) else "stop",
+            prompt_tokens=count_of(usage.get("prompt_tokens")),
+            completion_tokens=count_of(usage.get("completion_tokens")),
             model=str(data.get("model") or self.config.model),
+            tool_calls=message.get("tool_calls") or None,
+            refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else None,
+            logprobs=choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else None,
+            extra={k: v for k, v in message.items() if k not in MESSAGE_KEYS and v is not None},
+            more_choices=[c for c in data["choices"][1:] if isinstance(c, dict)],
         )
 
-    def _first_choice(self, data: Any) -> tuple[dict[str, Any], str | None]:
+    def _first_choice(self, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(data, dict):
             self.malformed("not a JSON object")
         choices = data.get("choices")
@@ -70,8 +85,9 @@ class OpenAIClient(BackendClient):
             self.malformed("choices[0].message missing")
         if not isinstance(message.get("content"), str | None):
             self.malformed("choices[0].message.content is not text")
-        finish = choices[0].get("finish_reason")
-        return message, finish if isinstance(finish, str) else None
+        if not isinstance(message.get("tool_calls"), list | None):
+            self.malformed("choices[0].message.tool_calls is not a list")
+        return choices[0], message
 
     async def stream(
         self,
@@ -79,27 +95,37 @@ class OpenAIClient(BackendClient):
         *,
         model: str | None = None,
         timeout: float | None = None,
-        on_delta: Callable[[str], None],
+        on_delta: Callable[[Delta], None],
     ) -> ChatAnswer:
         limits = self.timeout_within(timeout)
-        state = _StreamState()
-        done = False
+        state = StreamState()
         body = self.body(request, stream=True, model=model)
         with self.translate_errors(limits):
             async with self.open_stream(PATH, body, limits) as response:
                 async for event in aiter_sse(response.aiter_lines()):
                     if event.data.strip() == "[DONE]":
-                        done = True
                         break
                     delta = self._take_chunk(event.data, state)
                     if delta:
                         on_delta(delta)
-        if not done and state.finish_reason is None:
-            self.malformed("the stream ended before the answer was complete")
-        return self._streamed_answer(state)
+        if state.finish_reason is None:
+            await self._unfinished(request, model, timeout, state)
+        return state.answer(self.config.model)
 
-    def _take_chunk(self, data: str, state: _StreamState) -> str | None:
-        """Fold one chunk into ``state``; return its text delta, if any."""
+    async def _unfinished(
+        self, request: dict[str, Any], model: str | None, timeout: float | None, state: StreamState
+    ) -> None:
+        """A stream that ended without the server's finish is no answer. One that said
+        nothing at all is how llama.cpp streams a prompt longer than its context (200, then
+        [DONE]): the same request unstreamed, for one token, tells the truth (the
+        context-length error, or an answer: then the stream was cut short)."""
+        if not state.chunks:
+            limit = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
+            await self.chat({**request, limit: 1}, model=model, timeout=timeout)
+        self.malformed("the stream ended before the server finished the answer")
+
+    def _take_chunk(self, data: str, state: StreamState) -> Delta | None:
+        """Fold one chunk into ``state``; return its delta, if it carries anything."""
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -113,39 +139,16 @@ class OpenAIClient(BackendClient):
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             self.malformed("a stream chunk has no choices")
+        state.chunks += 1
         state.model = state.model or chunk.get("model")
         if isinstance(chunk.get("usage"), dict):
             state.usage = chunk["usage"]
         if not choices:
             return None  # the usage-only chunk at the end
-        return self._take_choice(choices[0], state)
-
-    def _take_choice(self, choice: Any, state: _StreamState) -> str | None:
-        if not isinstance(choice, dict):
-            self.malformed("a stream choice is not a JSON object")
-        delta = choice.get("delta")
-        if not isinstance(delta, dict | None):
-            self.malformed("a stream choice's delta is not a JSON object")
-        if isinstance(choice.get("finish_reason"), str):
-            state.finish_reason = choice["finish_reason"]
-        content = (delta or {}).get("content")
-        if not isinstance(content, str | None):
-            self.malformed("a stream delta's content is not text")
-        if content:
-            state.parts.append(content)
-        return content
-
-    def _streamed_answer(self, state: _StreamState) -> ChatAnswer:
-        usage = state.usage or {}
-        return ChatAnswer(
-            content="".join(state.parts),
-            finish_reason=state.finish_reason or "stop",
-            prompt_tokens=as_int(usage.get("prompt_tokens")),
-            # A server that ignores include_usage: one delta is about one token.
-            completion_tokens=as_int(usage.get("completion_tokens")) or len(state.parts),
-            model=str(state.model or self.config.model),
-        )
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+        choice = choices[0]
+        if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict | None):
+            self.malformed("a stream choice or its delta is not a JSON object")
+        try:
+            return state.take(choice)
+        except (TypeError, ValueError) as exc:
+            self.malformed(f"a stream delta: {exc}")

@@ -1,0 +1,97 @@
+"""What a chat request needs of a backend, and which backends can give it.
+
+A backend declares what it cannot do (``unsupported`` in its configuration); its wire
+protocol adds what the protocol itself cannot carry. A request that needs something no
+backend of a tier can do skips that tier; one that no tier of its route can serve is
+refused at the door, naming the field that needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+
+
+class Feature(StrEnum):
+    TOOLS = "tools"  # tools offered, or tool calls and results in the conversation
+    IMAGES = "images"  # image_url content parts
+    AUDIO = "audio"  # input_audio parts, audio output
+    FILES = "files"  # file content parts
+    JSON_MODE = "json_mode"  # response_format json_object
+    JSON_SCHEMA = "json_schema"  # response_format json_schema (structured outputs)
+    LOGPROBS = "logprobs"
+    CHOICES = "n"  # more than one choice per request
+    # Not a need: a backend that ignores max_completion_tokens is sent max_tokens instead.
+    MAX_COMPLETION_TOKENS = "max_completion_tokens"
+
+
+# The field a client is told about when nothing can serve its request.
+FIELD_OF = {
+    Feature.TOOLS: "tools",
+    Feature.IMAGES: "messages",
+    Feature.AUDIO: "messages",
+    Feature.FILES: "messages",
+    Feature.JSON_MODE: "response_format",
+    Feature.JSON_SCHEMA: "response_format",
+    Feature.LOGPROBS: "logprobs",
+    Feature.CHOICES: "n",
+}
+
+# What each wire protocol cannot carry, whatever the server behind it.
+PROTOCOL_UNSUPPORTED: Mapping[str, frozenset[Feature]] = {
+    "openai": frozenset(),
+    "ollama": frozenset(
+        {Feature.AUDIO, Feature.FILES, Feature.LOGPROBS, Feature.CHOICES,
+         Feature.MAX_COMPLETION_TOKENS}
+    ),
+    "anthropic": frozenset(
+        {Feature.AUDIO, Feature.LOGPROBS, Feature.CHOICES, Feature.JSON_SCHEMA,
+         Feature.MAX_COMPLETION_TOKENS}
+    ),
+}  # fmt: skip
+
+_PART_FEATURES = {"image_url": Feature.IMAGES, "input_audio": Feature.AUDIO, "file": Feature.FILES}
+
+
+def needs(request: Mapping[str, Any]) -> frozenset[Feature]:
+    """What answering ``request`` (an OpenAI-shaped chat request) takes of a backend."""
+    found: set[Feature] = set()
+    if request.get("tools") and request.get("tool_choice") != "none":
+        found.add(Feature.TOOLS)
+    for message in request.get("messages") or []:
+        found |= _message_needs(message)
+    kind = (request.get("response_format") or {}).get("type")
+    if kind == "json_object":
+        found.add(Feature.JSON_MODE)
+    elif kind == "json_schema":
+        found.add(Feature.JSON_SCHEMA)
+    if request.get("logprobs"):
+        found.add(Feature.LOGPROBS)
+    if (request.get("n") or 1) > 1:
+        found.add(Feature.CHOICES)
+    if "audio" in (request.get("modalities") or []):
+        found.add(Feature.AUDIO)
+    return frozenset(found)
+
+
+def _message_needs(message: Mapping[str, Any]) -> set[Feature]:
+    found = set()
+    if message.get("tool_calls") or message.get("role") == "tool":
+        found.add(Feature.TOOLS)
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and (feature := _PART_FEATURES.get(part.get("type"))):
+                found.add(feature)
+    return found
+
+
+def unsupported(protocol: str, declared: Iterable[str]) -> frozenset[Feature]:
+    return PROTOCOL_UNSUPPORTED.get(protocol, frozenset()) | {Feature(f) for f in declared}
+
+
+def missing(wanted: Iterable[Feature], lacking: frozenset[Feature]) -> list[Feature]:
+    """The needs a backend lacking ``lacking`` cannot meet (max_completion_tokens is never
+    one: it is translated)."""
+    return sorted(f for f in wanted if f in lacking and f is not Feature.MAX_COMPLETION_TOKENS)

@@ -1,0 +1,83 @@
+"""Folding an OpenAI chat-completions stream into one answer, as the chunks arrive.
+
+Text and refusal deltas are joined; tool calls arrive in pieces keyed by their ``index``
+(id, type and function name first, then the argument text in fragments) and are put
+together in that order; logprob entries are appended; fields a server adds to deltas
+(vLLM's ``reasoning_content``) are joined when they are text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.backends.base import ChatAnswer, Delta, count_of
+
+CARRIED = ("content", "refusal", "tool_calls")
+
+
+@dataclass
+class StreamState:
+    chunks: int = 0
+    content: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: dict[str, list[Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def take(self, choice: dict[str, Any]) -> Delta | None:
+        """Fold one chunk's choice in; the delta to pass on, if it carries anything."""
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish_reason = choice["finish_reason"]
+        if isinstance(choice.get("logprobs"), dict):
+            for key, entries in choice["logprobs"].items():
+                if isinstance(entries, list):
+                    self.logprobs.setdefault(key, []).extend(entries)
+        delta = choice.get("delta") or {}
+        if not isinstance(delta.get("content"), str | None):
+            raise TypeError("content is not text")
+        if delta.get("content"):
+            self.content.append(delta["content"])
+        if isinstance(delta.get("refusal"), str):
+            self.refusal.append(delta["refusal"])
+        for piece in delta.get("tool_calls") or []:
+            self._take_tool_call(piece)
+        for key, value in delta.items():
+            if key not in (*CARRIED, "role") and isinstance(value, str):
+                self.extra[key] = self.extra.get(key, "") + value
+        passed = {k: v for k, v in delta.items() if k != "role" and v not in (None, "", [])}
+        return passed or None
+
+    def _take_tool_call(self, piece: Any) -> None:
+        if not isinstance(piece, dict) or not isinstance(piece.get("index", 0), int):
+            raise TypeError("a tool call piece is not an object with an index")
+        call = self.tool_calls.setdefault(
+            piece.get("index", len(self.tool_calls)),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if isinstance(piece.get("id"), str):
+            call["id"] = piece["id"]
+        if isinstance(piece.get("type"), str):
+            call["type"] = piece["type"]
+        function = piece.get("function") or {}
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                call["function"][key] += function[key]
+
+    def answer(self, configured_model: str) -> ChatAnswer:
+        usage = self.usage or {}
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return ChatAnswer(
+            content="".join(self.content) if self.content or not calls else None,
+            finish_reason=self.finish_reason or "stop",
+            prompt_tokens=count_of(usage.get("prompt_tokens")),
+            completion_tokens=count_of(usage.get("completion_tokens")),
+            model=str(self.model or configured_model),
+            tool_calls=calls or None,
+            refusal="".join(self.refusal) if self.refusal else None,
+            logprobs=self.logprobs or None,
+            extra=self.extra,
+        )
