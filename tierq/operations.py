@@ -63,12 +63,13 @@ def replay(
     limit: int | None = None,
     job_ids: list[uuid.UUID] | None = None,
 ) -> list[uuid.UUID]:
-    """Release parked jobs now, whatever health says (the operator knows better)."""
+    """Release parked jobs now, whatever health says (the operator knows better), each to
+    the tier it was parked on: the first step of its route that can serve it."""
     query = select(Job.id).where(Job.status == JobStatus.PARKED)
     if job_ids:
         query = query.where(Job.id.in_(job_ids))
     ids = session.scalars(query.order_by(Job.priority.desc(), Job.created_at).limit(limit)).all()
-    return transitions.release_parked(session, list(ids), config.tier_names[0], by="operator")
+    return transitions.release_parked(session, list(ids), None, by="operator")
 
 
 def describe(row: Backend) -> dict[str, Any]:

@@ -254,21 +254,28 @@ def cancel(session: Session, job_id: uuid.UUID, owner_id: uuid.UUID, reason: str
     return cancelled is not None
 
 
-def release_parked(session: Session, ids: list[uuid.UUID], tier: str, by: str) -> list[uuid.UUID]:
-    """parked → queued on ``tier`` (the relay publishes them); the one way out of parking."""
+def release_parked(
+    session: Session, ids: list[uuid.UUID], tier: str | None, by: str
+) -> list[uuid.UUID]:
+    """parked → queued on ``tier`` (None: the tier each was parked on); the relay publishes
+    them. The one way out of parking."""
     if not ids:
         return []
-    released = session.scalars(
+    released = session.execute(
         update(Job)
         .where(Job.id.in_(ids), Job.status == JobStatus.PARKED)
         .values(
-            status=JobStatus.QUEUED, tier=tier, published_at=None, due_at=None, updated_at=db_now()
+            status=JobStatus.QUEUED,
+            tier=tier if tier is not None else Job.tier,
+            published_at=None,
+            due_at=None,
+            updated_at=db_now(),
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.tier)
     ).all()
-    for job_id in released:
-        record_event(session, job_id, "replayed", tier=tier, by=by)
-    return list(released)
+    for job_id, queued_on in released:
+        record_event(session, job_id, "replayed", tier=queued_on, by=by)
+    return [job_id for job_id, _ in released]
 
 
 # -- the relay's ---------------------------------------------------------------------------

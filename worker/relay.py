@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from tierq import broker, transitions
+from tierq import broker, routes, transitions
 from tierq.config import TierqConfig
 from tierq.db import db_now, get_engine, session_scope
 from tierq.models import ACTIVE_STATUSES, Backend, Circuit, Health, Job, JobStatus
@@ -121,32 +121,49 @@ class Relay:
             return circuit.half_open_due(session, self.config)
 
     def _replay_parked(self) -> int:
-        """Release parked jobs to the first tier that is alive again, highest priority and
-        oldest first: one at a time while its breaker is only half open, then at the replay
-        rate, so a recovering backend is not flooded."""
+        """Release parked jobs, route by route, to the first step of their route that is
+        alive again, highest priority and oldest first: one at a time while its breaker is
+        only half open, then at the replay rate (shared by the routes), so a recovering
+        backend is not flooded."""
+        chains = routes.listed(self.config)
         with session_scope() as session:
-            live = live_tier(session, self.config)
-            self._refill_replay_credit(live)
-            if live is None:
-                self._saw_outage = True
-                self._push_back_retry_after(session)
-                return 0
-            budget = int(self._replay_credit) if live.closed else self._trial_budget(session, live)
-            if budget <= 0:
-                return 0
-            ids = session.scalars(
-                select(Job.id)
-                .where(
-                    Job.status == JobStatus.PARKED,
-                    Job.deadline.is_(None) | (Job.deadline >= db_now()),
+            lives = [live_tier(session, self.config, chain.tier_names) for chain in chains]
+            self._refill_replay_credit(next((live for live in lives if live), None))
+            released = 0
+            for chain, live in zip(chains, lives, strict=True):
+                if live is None:
+                    self._saw_outage = True
+                    self._push_back_retry_after(session, self._of_route(chain))
+                    continue
+                budget = (
+                    int(self._replay_credit) if live.closed else self._trial_budget(session, live)
                 )
-                .order_by(Job.priority.desc(), Job.created_at)
-                .limit(budget)
-            ).all()
-            released = transitions.release_parked(session, list(ids), live.name, by="relay")
-        if live.closed:
-            self._replay_credit -= len(released)
-        return len(released)
+                if budget <= 0:
+                    continue
+                ids = session.scalars(
+                    select(Job.id)
+                    .where(
+                        Job.status == JobStatus.PARKED,
+                        self._of_route(chain),
+                        Job.deadline.is_(None) | (Job.deadline >= db_now()),
+                    )
+                    .order_by(Job.priority.desc(), Job.created_at)
+                    .limit(budget)
+                ).all()
+                done = transitions.release_parked(session, list(ids), live.name, by="relay")
+                if live.closed:
+                    self._replay_credit -= len(done)
+                released += len(done)
+        return released
+
+    def _of_route(self, chain: routes.Chain) -> Any:
+        """The jobs of this route; the first route also has those of no route it knows
+        (from before routes, or of a route since removed: ``routes.of_job``)."""
+        listed = routes.listed(self.config)
+        if chain is not listed[0]:
+            return Job.route == chain.model
+        known = [c.model for c in listed[1:]]
+        return Job.route.is_(None) | Job.route.not_in(known)
 
     def _refill_replay_credit(self, live: LiveTier | None) -> None:
         """A token bucket refilled at the replay rate and as deep as the time since the last
@@ -176,11 +193,11 @@ class Relay:
         )
         return 0 if busy else 1
 
-    def _push_back_retry_after(self, session: Session) -> None:
-        """Nothing is alive: keep the retry time that pollers see in the future."""
+    def _push_back_retry_after(self, session: Session, of_route: Any) -> None:
+        """Nothing of a route is alive: keep the retry time its pollers see in the future."""
         session.execute(
             update(Job)
-            .where(Job.status == JobStatus.PARKED, Job.due_at <= db_now())
+            .where(Job.status == JobStatus.PARKED, of_route, Job.due_at <= db_now())
             .values(due_at=db_now(self.config.emergency.retry_after))
         )
 
@@ -276,12 +293,14 @@ def _unlock(conn: Connection) -> None:
         conn.invalidate()  # a broken connection: drop it, and the lock with it
 
 
-def live_tier(session: Session, config: TierqConfig) -> LiveTier | None:
-    """The first model tier with a backend that may take calls, whether one of its
-    breakers is fully closed, and how many calls its callable backends take at once."""
+def live_tier(
+    session: Session, config: TierqConfig, tiers: list[str] | None = None
+) -> LiveTier | None:
+    """The first model tier (of ``tiers``, in their order; default all) with a backend that
+    may take calls, and whether one of its breakers is fully closed."""
     rows = {row.name: row for row in session.scalars(select(Backend))}
     now = session.scalar(select(db_now()))
-    for tier in config.tiers:
+    for tier in [config.tier(name) for name in tiers or config.tier_names]:
         states = {
             b.name: _callable_state(
                 rows.get(b.name), config.breaker_for(b.name).recovery_timeout, now

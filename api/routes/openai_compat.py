@@ -47,6 +47,7 @@ from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
 from api.schemas import JobCreate
 from api.submit import accept
+from tierq import routes
 from tierq.db import session_scope
 from tierq.models import TERMINAL_STATUSES, Attempt, Job, JobStatus
 from tierq.settings import get_settings
@@ -55,7 +56,7 @@ from tierq.settings import get_settings
 # the error naming the job) reaches the client before it gives up and retries blindly.
 READ_TIMEOUT_MARGIN = 1.0
 WAIT_TIMEOUT_RETRY_AFTER = 1  # the retry itself waits again, so it may come at once
-MODEL_ALIAS = "tierq"
+
 STARTED = int(time.time())
 
 _ERROR_TYPES = {
@@ -346,15 +347,29 @@ def _model(name: str, owner: str, **extra: Any) -> dict[str, Any]:
 
 @router.get("/models", dependencies=[Depends(current_caller)])
 def list_models(request: Request) -> dict[str, Any]:
-    """The alias ``tierq`` and the models the tier configuration names. Any name is
-    accepted in a request and none pins a backend: every request runs down the tiers."""
+    """The routes: each model name a request may send (aliases too), with its chain of
+    tiers. Without routes, any name is accepted: the alias ``tierq`` and the models the
+    tiers' backends serve are listed, every one of them running down all the tiers."""
+    config = request.app.state.tier_config
+    if not config.routes:
+        return {"object": "list", "data": _tiers_models(config)}
+    data = []
+    for route in config.routes:
+        chain = [step.tier for step in route.chain]
+        where = {"chain": chain, "aliases": route.aliases,
+                 "default": route.model == config.default_route}  # fmt: skip
+        data.append(_model(route.model, "tierq", tierq=where))
+        data += [_model(a, "tierq", tierq={"alias_of": route.model}) for a in route.aliases]
+    return {"object": "list", "data": data}
+
+
+def _tiers_models(config: Any) -> list[dict[str, Any]]:
     served: dict[str, dict[str, list[str]]] = {}
-    for tier in request.app.state.tier_config.tiers:
+    for tier in config.tiers:
         for backend in tier.backends:
             entry = served.setdefault(backend.model, {"tiers": [], "backends": []})
             if tier.name not in entry["tiers"]:
                 entry["tiers"].append(tier.name)
             entry["backends"].append(backend.name)
-    data = [_model(MODEL_ALIAS, "tierq", tierq={"alias": True})]
-    data += [_model(name, "tierq", tierq=where) for name, where in served.items()]
-    return {"object": "list", "data": data}
+    data = [_model(routes.DEFAULT_ROUTE, "tierq", tierq={"alias": True})]
+    return data + [_model(name, "tierq", tierq=where) for name, where in served.items()]
