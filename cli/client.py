@@ -27,15 +27,18 @@ def _checked(response: httpx.Response) -> dict:  # type: ignore[type-arg]
 
 @click.command()
 @click.argument("message")
-@click.option("--model", default="default", show_default=True)
+@click.option(
+    "--model", default=None, help="A model GET /v1/models lists (default: the first one)."
+)
 @click.option("--conversation", default=None, help="Append to this conversation.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the answer.")
-def submit(message: str, model: str, conversation: str | None, wait: bool) -> None:
+def submit(message: str, model: str | None, conversation: str | None, wait: bool) -> None:
     """Submit a chat message as a durable job; print the answer (or the job id)."""
-    body: dict = {"model": model, "messages": [{"role": "user", "content": message}]}  # type: ignore[type-arg]
-    if conversation:
-        body["conversation_id"] = conversation
     with _client() as client:
+        model = model or _checked(client.get("/v1/models"))["data"][0]["id"]
+        body: dict = {"model": model, "messages": [{"role": "user", "content": message}]}  # type: ignore[type-arg]
+        if conversation:
+            body["conversation_id"] = conversation
         job = _checked(client.post("/v1/jobs", json=body))
         click.echo(f"job {job['id']} {job['status']}", err=True)
         while wait and job["status"] not in TERMINAL:
