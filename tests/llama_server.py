@@ -1,19 +1,28 @@
 """A real llama.cpp server for the tests: llama-cpp-python's OpenAI-compatible server
 (``python -m llama_cpp.server``) serving a tiny model written here with the ``gguf`` package.
 
+    from tests.llama_server import llama   # the session's server (a pytest fixture)
+
     def test_x(llama: LlamaServer) -> None:
         httpx.post(f"{llama.url}/v1/chat/completions", json={"model": MODEL_NAME, ...})
+        llama.kill()             # SIGKILL: dead until start()
         llama.restart()          # SIGKILL, then start again on the same port
 
-The model is a llama-architecture GGUF of ~300 tokens (SentencePiece with byte fallback,
+    with running_llama(endless=True, options={"interrupt_requests": False}) as server:
+        ...                      # a server of its own, other settings
+
+It serves the model as MODEL_NAME, with a context of N_CTX (512) tokens, one generation at
+a time, and the ChatML chat format it guesses from the model's template.
+
+The model is a llama-architecture GGUF of ~280 tokens (SentencePiece with byte fallback,
 ChatML control tokens, the ChatML chat template) whose weights are set, not trained, so its
 answers are known in advance: every layer's output projections are zero, so the last hidden
 state is the current token's embedding and the model is a bigram table. After the
 generation prompt's newline it says ANSWER (ANSWER_TOKENS tokens) and ends its turn
-(``finish_reason: "stop"``); asked for more (``min_tokens``), it starts over, up to
-``max_tokens`` or the context. Inside a grammar (tools, JSON mode) it closes strings,
-arrays and objects as soon as it may, so arguments are short. Prompts are tokenized byte by
-byte (no merges), so a prompt's size in tokens is about its size in bytes.
+(``finish_reason: "stop"``); asked for more (llama.cpp's ``min_tokens``), or ``endless``,
+it starts over, up to ``max_tokens`` or the context. Under a grammar (a named tool, JSON
+mode) it writes the shortest JSON it may. Prompts are tokenized byte by byte (no merges),
+so a prompt's size in tokens is about its size in bytes.
 
 llama-cpp-python must be installed (``./dev test`` installs the ``llama`` extra): without
 it the fixture fails, it never skips.
@@ -22,6 +31,7 @@ it the fixture fails, it never skips.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -39,6 +49,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".pytest_cache" / "llama"
+LOGS = CACHE / "logs"  # the servers' output, one file per port, kept a day
 MODEL_NAME = "tiny-llama"  # the alias /v1/models lists and answers carry
 N_CTX = 512
 CHATML = (
@@ -50,15 +61,18 @@ WORDS = ("Hello", "from", "the", "tiny", "test", "llama", "one", "two", "three",
 CHAIN = (*(f"\u2581{w}" for w in WORDS), ".")
 ANSWER = " " + " ".join(WORDS) + "."
 ANSWER_TOKENS = len(CHAIN)
-# The model's layout: bump VERSION when the weights or the vocabulary change.
-VERSION = 1
 N_EMBD, N_LAYER, N_HEAD, N_FF = 64, 2, 4, 128
 RMS_EPS = 1e-5
-VOTE = 20.0  # the logit of the successor in the answer; every other logit is at most 3
-AGAIN = 12.0  # the first word's logit after the last: second to the end of turn
-# Under a grammar (tools, JSON mode) the model closes strings, arrays and objects as soon
-# as it may, and prefers a comma to another digit: arguments come out short.
-CLOSING = {'"': 3.0, "}": 2.0, "]": 2.0, ",": 1.5}
+# The successor's logit in the answer; every other logit is at most 8 * 0.71 (a bias
+# scaled by the RMS norm), so even at temperature 0.8 the answer never strays.
+VOTE = 30.0
+AGAIN = 20.0  # the first word's logit after the last: second to the end of turn
+# Under a grammar (tools, JSON mode) the model writes the shortest JSON it may: `{}`,
+# `[]`, `""`, `1`, no optional space, and it ends its turn as soon as the grammar lets it,
+# even at the server's default temperature (0.8): arguments are short and always the same.
+JSON_CLOSERS = {"{": "}", "[": "]", '"': '"'}  # an opener votes for its closer
+JSON_BIAS = {"}": 8.0, "]": 8.0, ",": 7.0, ":": 7.0, '"': 6.0, "1": 5.0}
+END_OF_TURN = 6.0
 
 
 @dataclass(frozen=True)
@@ -92,31 +106,44 @@ def _bigram(vocab: Vocab, endless: bool = False) -> tuple[np.ndarray, np.ndarray
     (current token → next token): the model is a bigram table.
 
     Every embedding has 1 in dimension 0; after the final RMS norm that is a constant
-    input, so the output matrix's column 0 is a bias per token. A token that starts or
-    continues the answer also has 1 in a dimension of its own, through which it votes for
-    its successor (and the last word, more weakly, for the first: the answer starts over
-    when the end of turn is forbidden)."""
+    input, so the output matrix's column 0 is a bias per token. A token with a say about
+    its successor (the answer's words, and JSON's openers) also has 1 in a dimension of
+    its own, through which it votes: the last word, more weakly, for the first, so the
+    answer starts over when the end of turn is forbidden."""
     n_vocab = len(vocab.tokens)
-    embd = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
-    embd[:, 0] = 1.0
     bias = np.zeros(n_vocab, dtype=np.float32)
-    for token in ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"):
+    for token in ("<unk>", "<s>", "</s>", "<|im_start|>"):
         bias[vocab.id(token)] = -10.0
+    bias[vocab.id("<|im_end|>")] = END_OF_TURN
     for byte in [*range(0x00, 0x20), *range(0x7F, 0x100)]:
         bias[vocab.id(f"<0x{byte:02X}>")] = -10.0  # no control bytes, no broken UTF-8
-    for char, weight in CLOSING.items():
-        bias[vocab.id(f"<0x{ord(char):02X}>")] = weight
+    for char, weight in JSON_BIAS.items():
+        bias[vocab.id(_byte(char))] = weight
     plain, voter = _norms()
+    embd = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+    embd[:, 0] = 1.0
     out = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
     out[:, 0] = bias / plain  # a token without a vote of its own: logits = bias
-    sources = ["<0x0A>", *CHAIN]
-    targets = [*CHAIN, CHAIN[0] if endless else "<|im_end|>"]
-    for dim, (source, target) in enumerate(zip(sources, targets, strict=True), start=1):
+    for dim, (source, votes) in enumerate(_votes(endless).items(), start=1):
         embd[vocab.id(source), dim] = 1.0
-        # Its successor's logit is exactly VOTE, whatever the successor's bias.
-        out[vocab.id(target), dim] = (VOTE - bias[vocab.id(target)] * voter / plain) / voter
-    out[vocab.id(CHAIN[0]), len(sources)] = AGAIN / voter
+        for target, logit in votes.items():
+            # The target's logit is exactly ``logit``, whatever its bias.
+            out[vocab.id(target), dim] = (logit - bias[vocab.id(target)] * voter / plain) / voter
     return embd, out
+
+
+def _votes(endless: bool) -> dict[str, dict[str, float]]:
+    """{source: {successor: logit}}: the answer's chain, and JSON's shortest values."""
+    chain = ["<0x0A>", *CHAIN, CHAIN[0] if endless else "<|im_end|>"]
+    votes = {source: {target: VOTE} for source, target in itertools.pairwise(chain)}
+    votes[CHAIN[-1]].setdefault(CHAIN[0], AGAIN)
+    for opener, closer in JSON_CLOSERS.items():
+        votes[_byte(opener)] = {_byte(closer): VOTE}
+    return votes
+
+
+def _byte(char: str) -> str:
+    return f"<0x{ord(char):02X}>"
 
 
 def _norms() -> tuple[float, float]:
@@ -212,15 +239,18 @@ def _check(vocab: Vocab, embd: np.ndarray, out: np.ndarray, endless: bool) -> No
 
 
 def model_path(endless: bool = False) -> Path:
-    """The model file, written once per layout and kept under .pytest_cache."""
-    layout = [VERSION, N_EMBD, N_LAYER, CHAIN, CHATML, endless]
-    key = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:12]
+    """The model file, kept under .pytest_cache; written again when this module changes
+    (its source is the model's recipe)."""
+    recipe = Path(__file__).read_bytes() + json.dumps(endless).encode()
+    key = hashlib.sha256(recipe).hexdigest()[:12]
     path = CACHE / f"{MODEL_NAME}{'-endless' if endless else ''}-{key}.gguf"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.part")
         write_model(partial, endless)
         partial.replace(path)  # atomic: a concurrent run never reads half a model
+        stem = path.name.rsplit("-", 1)[0]
+        _prune(CACHE.glob(f"{stem}-{'?' * len(key)}.gguf"), keep=path, days=0)
     return path
 
 
@@ -241,7 +271,7 @@ class LlamaServer:
     options: dict[str, object] = field(default_factory=dict)
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
-    log: Path = CACHE / "server.log"
+    log: Path = LOGS / "server.log"
 
     @property
     def url(self) -> str:
@@ -268,10 +298,13 @@ class LlamaServer:
         """Start it (on a free port the first time) and wait until it answers."""
         import llama_cpp  # noqa: F401  (missing: fail here, loudly, never skip)
 
+        first = not self.port
         self.port = self.port or _free_port()
-        self.log = CACHE / f"server-{self.port}.log"
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
+        self.log = LOGS / f"server-{self.port}.log"
+        LOGS.mkdir(parents=True, exist_ok=True)
+        if first:
+            _prune(LOGS.glob("server-*.log"), keep=None, days=1)
+        with self.log.open("ab" if not first else "wb") as log:  # a restart appends
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
             )
@@ -314,6 +347,14 @@ class LlamaServer:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _prune(paths: Iterator[Path], keep: Path | None, days: float) -> None:
+    """Remove older models (another recipe) and old logs: the cache stays small."""
+    limit = time.time() - days * 86400
+    for path in paths:
+        if path != keep and path.stat().st_mtime <= limit:
+            path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
