@@ -210,7 +210,7 @@ def test_a_stream_that_breaks_off_is_no_answer(
 ) -> None:
     http = _answering(200, body)
     client = client_for(make_config(protocol, "http://backend.invalid"), http=http)
-    deltas: list[str] = []
+    deltas: list[dict[str, Any]] = []
 
     async def stream() -> ChatAnswer:
         async with http:
@@ -218,7 +218,7 @@ def test_a_stream_that_breaks_off_is_no_answer(
 
     with pytest.raises(BackendError) as caught:
         asyncio.run(stream())
-    assert deltas == ["Hel"]  # given as it arrived, before the stream broke off
+    assert deltas == [{"content": "Hel"}]  # given as it arrived, before the stream broke off
     assert (caught.value.error_class, caught.value.status) == (expected, 200)
 
 

@@ -45,9 +45,9 @@ PROTOCOL_UNSUPPORTED: Mapping[str, frozenset[Feature]] = {
         {Feature.AUDIO, Feature.FILES, Feature.LOGPROBS, Feature.CHOICES,
          Feature.MAX_COMPLETION_TOKENS}
     ),
+    # JSON modes travel as a forced tool (worker/backends/anthropic_messages.py).
     "anthropic": frozenset(
-        {Feature.AUDIO, Feature.LOGPROBS, Feature.CHOICES, Feature.JSON_SCHEMA,
-         Feature.MAX_COMPLETION_TOKENS}
+        {Feature.AUDIO, Feature.LOGPROBS, Feature.CHOICES, Feature.MAX_COMPLETION_TOKENS}
     ),
 }  # fmt: skip
 
