@@ -29,6 +29,8 @@ from worker.backends import (
     client_for,
     parse_retry_after,
 )
+from worker.backends.anthropic_answer import AnswerStream, finish_reason, fold_blocks
+from worker.backends.ollama_messages import openai_tool_calls
 
 
 @pytest.fixture(autouse=True)
@@ -280,6 +282,174 @@ def test_openai_request_keeps_client_parameters() -> None:
     assert asyncio.run(chat_then_close(client, http, REQUEST | {"stream": True})).content == "ok"
     body = json.loads(seen[0].content)
     assert (body["model"], body["temperature"], "stream" in body) == ("m-1", 0.2, False)
+
+
+# -- what each protocol cannot carry ---------------------------------------------------
+AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+BAD_IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}
+BAD_CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+REFUSED: list[tuple[str, dict[str, Any]]] = [
+    ("anthropic", {"role": "user", "content": [AUDIO]}),
+    ("anthropic", {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}),
+    ("anthropic", {"role": "assistant", "tool_calls": [BAD_CALL]}),
+    ("ollama", {"role": "user", "content": [AUDIO]}),
+    ("ollama", {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}),
+    ("ollama", {"role": "assistant", "tool_calls": [BAD_CALL]}),
+    ("ollama", {"role": "user", "content": [BAD_IMAGE]}),
+]
+
+
+@pytest.mark.parametrize(("protocol", "message"), REFUSED)
+def test_what_a_protocol_cannot_carry_is_refused(protocol: str, message: dict[str, Any]) -> None:
+    """Dropped silently, the part would leave a question the client did not ask."""
+    client = client_for(make_config(protocol, "http://backend.invalid"))
+    request = {"model": "any", "messages": [message, {"role": "user", "content": "and?"}]}
+    with pytest.raises(BackendError) as caught:
+        client.body(request, stream=False)
+    asyncio.run(client.aclose())
+    assert caught.value.error_class is ErrorClass.CLIENT
+
+
+# -- answers in OpenAI's shape ----------------------------------------------------------
+def _events(*events: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(e["type"], e) for e in events]
+
+
+def _block(index: int, block: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def _fragment(index: int, kind: str, key: str, value: str) -> dict[str, Any]:
+    return {"type": "content_block_delta", "index": index, "delta": {"type": kind, key: value}}
+
+
+def test_an_anthropic_stream_of_text_and_tool_calls() -> None:
+    """Block indexes are not tool-call indexes; a tool_use whose input came whole in its
+    start (no input_json_delta) gives it as one argument piece when the block stops."""
+    tool_a = {"type": "tool_use", "id": "toolu_a", "name": "f", "input": {}}
+    tool_b = {"type": "tool_use", "id": "toolu_b", "name": "g", "input": {"q": 1}}
+    events = _events(
+        {"type": "message_start", "message": {"model": "claude-x", "usage": {}}},
+        _block(0, {"type": "text", "text": ""}),
+        _fragment(0, "text_delta", "text", "Checking."),
+        {"type": "content_block_stop", "index": 0},
+        _block(1, tool_a),
+        _fragment(1, "input_json_delta", "partial_json", ""),
+        _fragment(1, "input_json_delta", "partial_json", '{"city": '),
+        _fragment(1, "input_json_delta", "partial_json", '"x"}'),
+        {"type": "content_block_stop", "index": 1},
+        _block(2, tool_b),
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}},
+        {"type": "message_stop"},
+    )
+    state = AnswerStream()
+    deltas = [delta for kind, data in events for delta in state.take(kind, data)]
+
+    def named(index: int, call_id: str, name: str) -> dict[str, Any]:
+        function = {"name": name, "arguments": ""}
+        return {"index": index, "id": call_id, "type": "function", "function": function}
+
+    assert deltas == [
+        {"content": "Checking."},
+        {"tool_calls": [named(0, "toolu_a", "f")]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]},
+        {"tool_calls": [named(1, "toolu_b", "g")]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '{"q": 1}'}}]},
+    ]
+    assert [c["function"]["arguments"] for c in state.tool_calls] == ['{"city": "x"}', '{"q": 1}']
+    assert state.stopped and state.answer_content() == "Checking."
+    assert finish_reason(state.stop_reason, bool(state.tool_calls)) == "tool_calls"
+
+
+def test_an_anthropic_json_answer_is_content() -> None:
+    answer_tool = {"type": "tool_use", "id": "toolu_j", "name": "json_answer", "input": {}}
+    state = AnswerStream(json_tool="json_answer")
+    events = _events(
+        {"type": "message_start", "message": {}},
+        _block(0, answer_tool),
+        _fragment(0, "input_json_delta", "partial_json", '{"a": '),
+        _fragment(0, "input_json_delta", "partial_json", "1}"),
+        {"type": "content_block_stop", "index": 0},
+    )
+    deltas = [delta for kind, data in events for delta in state.take(kind, data)]
+    assert deltas == [{"content": '{"a": '}, {"content": "1}"}]
+    assert (state.answer_content(), state.tool_calls) == ('{"a": 1}', [])
+    whole = fold_blocks([{**answer_tool, "input": {"a": 1}}], "json_answer")
+    assert (whole.content, whole.tool_calls) == ('{"a": 1}', None)
+    # Stopped for the answer tool alone, the answer is a plain stop, not a tool call.
+    assert finish_reason("tool_use", False) == "stop"
+    assert finish_reason("max_tokens", False) == "length"
+
+
+def test_anthropic_whole_answer_blocks() -> None:
+    blocks = [
+        {"type": "thinking", "thinking": "hmm", "signature": "s"},
+        {"type": "text", "text": "Let me see."},
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"n": [1, 2]}},
+    ]
+    folded = fold_blocks(blocks, None)
+    assert folded.content == "Let me see."
+    assert folded.tool_calls == [
+        {
+            "id": "toolu_1",
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"n": [1, 2]}'},
+        }
+    ]
+    assert fold_blocks([blocks[2]], None).content is None  # a tool call alone has no text
+
+
+def test_ollama_tool_calls_in_openai_shape() -> None:
+    calls = openai_tool_calls(
+        [
+            {"function": {"name": "f", "arguments": {"n": 1}}},
+            {"function": {"name": "f", "arguments": {}}},
+            {"id": "call_given", "function": {"name": "g", "arguments": {}}},
+        ]
+    )
+    assert [c["function"] for c in calls] == [
+        {"name": "f", "arguments": '{"n": 1}'},
+        {"name": "f", "arguments": "{}"},
+        {"name": "g", "arguments": "{}"},
+    ]
+    ids = [c["id"] for c in calls]
+    assert ids[2] == "call_given" and ids[0] != ids[1] and ids[0].startswith("call_")
+    assert {c["type"] for c in calls} == {"function"}
+
+
+def test_ollama_streamed_tool_calls_keep_counting() -> None:
+    """Tool calls on two lines of a stream are calls 0 and 1, each whole in one piece."""
+
+    def line(message: dict[str, Any], done: bool = False) -> bytes:
+        return json.dumps({"message": {"role": "assistant", **message}, "done": done}).encode()
+
+    call = {"function": {"name": "f", "arguments": {"n": 1}}}
+    body = b"\n".join(
+        [
+            line({"content": "", "tool_calls": [call]}),
+            line({"content": "", "tool_calls": [call]}),
+            line({"content": ""}, done=True),
+        ]
+    )
+    http = _answering(200, body + b"\n")
+    client = client_for(make_config("ollama", "http://backend.invalid"), http=http)
+    deltas: list[dict[str, Any]] = []
+
+    async def stream() -> ChatAnswer:
+        async with http:
+            return await client.stream(REQUEST, on_delta=deltas.append)
+
+    answer = asyncio.run(stream())
+    assert [d["tool_calls"][0]["index"] for d in deltas] == [0, 1]
+    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas] == ['{"n": 1}'] * 2
+    assert [c["id"] for c in answer.tool_calls or []] == [d["tool_calls"][0]["id"] for d in deltas]
+    assert (answer.finish_reason, answer.content, len(answer.tool_calls or [])) == (
+        "tool_calls",
+        None,
+        2,
+    )
 
 
 # -- small pieces -----------------------------------------------------------------------
