@@ -265,7 +265,10 @@ def stream_entries(d: Deployment, job_id: str) -> list[tuple[str, str]]:
     """The job's token stream in Redis (worker → API): (kind, text) in order."""
     assert d.redis is not None
     entries = d.redis.client().xrange(f"tierq:stream:{job_id}")
-    return [(f[b"kind"].decode(), f.get(b"text", b"").decode()) for _, f in entries]
+    return [
+        (f[b"kind"].decode(), json.loads(f.get(b"delta", b"{}")).get("content", ""))
+        for _, f in entries
+    ]
 
 
 def ended(d: Deployment, job_id: str, timeout: float = 25) -> dict[str, Any]:
