@@ -540,6 +540,7 @@ GPU_RETRY = {"attempts": 2, "base_delay": 0.05, "max_delay": 5, "budget": 1.0}
 CPU_DEGRADE = {"max_tokens": 5, "temperature": 0, "notice": "Answered by a smaller model."}
 HOSTED_DEGRADE = {"max_tokens": 3, "temperature": 0, "model": "hosted-small"}
 STATIC = "Sorry, every model is down."
+WINDOW = 64  # gpu-sim's context_window, in tokens
 
 
 def three_tiers(urls: dict[str, str]) -> dict[str, Any]:
@@ -547,7 +548,13 @@ def three_tiers(urls: dict[str, str]) -> dict[str, Any]:
         "tiers": [
             tier(
                 "gpu",
-                backend("gpu-sim", "openai", urls["gpu-sim"], larger_context="big-sim"),
+                backend(
+                    "gpu-sim",
+                    "openai",
+                    urls["gpu-sim"],
+                    larger_context="big-sim",
+                    context_window=WINDOW,
+                ),
                 retry=GPU_RETRY,
                 breaker=NEVER_OPENS,
             ),
@@ -604,6 +611,18 @@ def test_context_length_goes_straight_to_the_larger_backend(d3: Deployment) -> N
         ("big-sim", "ok", None),
     ]
     assert d3.calls("cpu-sim") == 0  # skipped the tier in between
+
+
+def test_a_prompt_over_the_context_window_is_not_sent_there(d3: Deployment) -> None:
+    """Over the configured window by the lower bound of its tokens (bytes / 8): refused
+    before the call, as the server would refuse it, and sent to the larger backend."""
+    job = ask(d3, "word " * (WINDOW * 8 // 5 + 10))
+    assert job["status"] == "succeeded" and job["served_by"]["backend"] == "big-sim", job
+    [(backend, outcome, error_class)] = attempts(d3, job["id"])[:1]
+    assert (backend, outcome, error_class) == ("gpu-sim", "error", "context_length")
+    assert d3.calls("gpu-sim") == 0  # nothing was sent to it
+    short = ask(d3, "word " * (WINDOW * 8 // 5 - 10))  # may fit: it is sent
+    assert short["served_by"]["backend"] == "gpu-sim", short
 
 
 def test_context_length_without_a_larger_backend_fails(

@@ -16,6 +16,7 @@ from typing import Any
 class Feature(StrEnum):
     TOOLS = "tools"  # tools offered, or tool calls and results in the conversation
     IMAGES = "images"  # image_url content parts
+    IMAGE_URLS = "image_urls"  # images by http(s) address (not inline data: URLs)
     AUDIO = "audio"  # input_audio parts, audio output
     FILES = "files"  # file content parts
     JSON_MODE = "json_mode"  # response_format json_object
@@ -30,6 +31,7 @@ class Feature(StrEnum):
 FIELD_OF = {
     Feature.TOOLS: "tools",
     Feature.IMAGES: "messages",
+    Feature.IMAGE_URLS: "messages",
     Feature.AUDIO: "messages",
     Feature.FILES: "messages",
     Feature.JSON_MODE: "response_format",
@@ -43,7 +45,7 @@ PROTOCOL_UNSUPPORTED: Mapping[str, frozenset[Feature]] = {
     "openai": frozenset(),
     "ollama": frozenset(
         {Feature.AUDIO, Feature.FILES, Feature.LOGPROBS, Feature.CHOICES,
-         Feature.MAX_COMPLETION_TOKENS}
+         Feature.MAX_COMPLETION_TOKENS, Feature.IMAGE_URLS}  # images inline (base64) only
     ),
     # JSON modes travel as a forced tool (worker/backends/anthropic_messages.py).
     "anthropic": frozenset(
@@ -84,6 +86,8 @@ def _message_needs(message: Mapping[str, Any]) -> set[Feature]:
         for part in content:
             if isinstance(part, dict) and (feature := _PART_FEATURES.get(part.get("type"))):
                 found.add(feature)
+                if str((part.get("image_url") or {}).get("url", "")).startswith("http"):
+                    found.add(Feature.IMAGE_URLS)
     return found
 
 

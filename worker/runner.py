@@ -185,6 +185,7 @@ class JobRunner:
 
         async def call(emit: Callable[[Delta], None]) -> ChatAnswer:
             try:
+                client.check_fits(request)
                 async with asyncio.timeout(seconds):
                     if not streamed:
                         return await client.chat(request, model=model, timeout=seconds)

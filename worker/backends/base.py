@@ -122,6 +122,23 @@ def count_of(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# No tokenizer of a common model packs more than this many bytes of ordinary text into one
+# token on average (English runs ~4; only long runs of whitespace or repeats pack more), so
+# bytes / this is a lower bound of a prompt's tokens: a prompt above the context window by
+# that count cannot fit, and is refused before the call.
+MAX_BYTES_PER_TOKEN = 8
+
+
+def prompt_tokens_at_least(request: Mapping[str, Any]) -> int:
+    """A lower bound of the prompt's tokens: the messages' text, bytes / MAX_BYTES_PER_TOKEN."""
+    size = sum(
+        len(text_of(m.get("content")).encode("utf-8", "replace"))
+        for m in request.get("messages") or []
+        if isinstance(m, dict)
+    )
+    return size // MAX_BYTES_PER_TOKEN
+
+
 def max_tokens_of(request: Mapping[str, Any]) -> int | None:
     value = request.get("max_completion_tokens", request.get("max_tokens"))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -193,6 +210,16 @@ class BackendClient(ABC):
         server's finish (the finish reason, [DONE], message_stop, a done line), raise
         BackendError: the deltas already given are then not an answer.
         """
+
+    def check_fits(self, request: Mapping[str, Any]) -> None:
+        """Refuse, without a call, a prompt that cannot fit the configured context_window
+        (the same error the server would give, so the policy treats both alike)."""
+        window = self.config.context_window
+        if window is not None and (least := prompt_tokens_at_least(request)) > window:
+            self.fail(
+                ErrorClass.CONTEXT_LENGTH,
+                f"the prompt is at least {least} tokens, over the context window of {window}",
+            )
 
     def timeout_within(self, seconds: float | None) -> httpx.Timeout:
         """The backend's timeouts, none longer than ``seconds`` (None: as configured)."""
