@@ -43,14 +43,6 @@ WEATHER = {
         },
     },
 }
-# worker/minimal.py's cache_key (computed for every answered job) reads each message's
-# content as a string: an assistant message with only tool_calls (KeyError) or content
-# parts (AttributeError) makes the worker's task raise after the call, and the job ends
-# dead after TIERQ_MAX_DELIVERIES lost leases. Remove the marks once it is fixed.
-CACHE_KEY_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="worker/minimal.py cache_key assumes string content (tool calls, content parts)",
-)
 # The simulated model calls the tool with the smallest arguments its schema accepts.
 WEATHER_ARGS = {"city": "x", "unit": "celsius"}
 
@@ -177,7 +169,6 @@ def test_a_streamed_tool_call_arrives_in_pieces(d: Deployment, client: OpenAI) -
     assert json.loads(whole.function.arguments) == WEATHER_ARGS
 
 
-@CACHE_KEY_BUG
 def test_a_tool_result_is_answered_in_the_messages_list(d: Deployment, client: OpenAI) -> None:
     mark = marker()
     messages: list[Any] = ask(mark)
@@ -198,7 +189,6 @@ def test_a_tool_result_is_answered_in_the_messages_list(d: Deployment, client: O
     assert result == {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}
 
 
-@CACHE_KEY_BUG
 def test_a_tool_result_is_answered_in_a_conversation(d: Deployment) -> None:
     mark = marker()
     with d.client() as http:
@@ -287,7 +277,6 @@ PIXEL = (
 )
 
 
-@CACHE_KEY_BUG
 def test_content_parts_reach_the_backend_as_parts(d: Deployment, client: OpenAI) -> None:
     mark = marker()
     parts = [

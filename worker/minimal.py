@@ -34,15 +34,26 @@ class MinimalAnswer:
     source: str  # what answered: the cached job's id, the rules callable, "static"
 
 
+# Request fields that do not change what the answer is.
+NOT_THE_QUESTION = frozenset({"messages", "stream", "stream_options", "user", "metadata", "store"})
+
+
 def cache_key(request: dict[str, Any]) -> str:
-    """The same question asked the same way: model, parameters and whitespace-normalized
-    messages (case kept: "No" and "no" may matter)."""
+    """The same question asked the same way: the whole messages with their text
+    whitespace-normalized (case kept: "No" and "no" may matter), model and parameters
+    (tools and response format among them)."""
     normalized = {
-        "model": request.get("model"),
-        "messages": [(m["role"], " ".join(m["content"].split())) for m in request["messages"]],
-        "params": {k: request.get(k) for k in ("max_tokens", "temperature", "top_p", "stop")},
+        "messages": [_normalized(m) for m in request["messages"]],
+        "params": {k: v for k, v in request.items() if k not in NOT_THE_QUESTION},
     }
     return hashlib.sha256(json.dumps(normalized, sort_keys=True).encode()).hexdigest()
+
+
+def _normalized(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": " ".join(content.split())}
+    return message
 
 
 @lru_cache
@@ -70,8 +81,10 @@ def _cached(
     ).first()
     if row is None or not row.result:
         return None
-    content = row.result["choices"][0]["message"]["content"]
-    return MinimalAnswer(content, "cached", str(row.id))
+    message = row.result["choices"][0]["message"]
+    if message.get("tool_calls"):
+        return None  # a tool call made then is no answer to give from a cache now
+    return MinimalAnswer(message.get("content") or "", "cached", str(row.id))
 
 
 def answer(
