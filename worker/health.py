@@ -54,6 +54,8 @@ def probe(backend: BackendConfig, state: BackendState | None = None) -> ProbeRes
     blocks (it runs in a thread of the prober's pool, on an event loop of its own)."""
     state = state or BackendState()
     plan = probe_plan(backend, state)
+    if plan.send is Send.NOTHING:
+        return ProbeResult(backend.name, None, 0.0, None, Send.NOTHING)
     return judge(backend, plan, state.health, observe(backend, plan), state.in_flight)
 
 
@@ -205,6 +207,8 @@ def probe_and_save(
         return None
     plan = probe_plan(backend, before)
     log.debug("probe %s: %s (%s)", backend.name, plan.send, plan.reason)
+    if plan.send is Send.NOTHING:
+        return ProbeResult(backend.name, None, 0.0, None, Send.NOTHING)
     seen = observe(backend, plan)
     busy = before.in_flight
     if seen.failure is not None:  # was it queued behind calls that started meanwhile?

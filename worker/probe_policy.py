@@ -6,8 +6,10 @@ backend that answered a call within its probe interval is alive. A canary (a tin
 inference) takes an inference slot, and on a single-slot server such as llama.cpp it queues
 behind the real calls; so it goes only to a backend that is idle (it costs nothing there)
 or suspected (the breaker is not closed, the last probe found it down, calls failed in the
-breaker's window). Everyone else gets the model list only: servers answer it beside
-inference, without a slot, and it is how a probe checks that the configured model is served.
+breaker's window). A backend with calls in flight gets nothing at all: its calls are the
+signal, and llama.cpp ends the stream it is generating when any other request arrives.
+Everyone else gets the model list only: it takes no inference slot, and it is how a probe
+checks that the configured model is served.
 
 A timeout or an overload while calls are in flight says the backend is busy, not down: it
 never counts against the backend.
@@ -27,6 +29,7 @@ BUSY_ANSWERS = frozenset({ErrorClass.TIMEOUT, ErrorClass.OVERLOADED, ErrorClass.
 
 
 class Send(StrEnum):
+    NOTHING = "nothing"  # its calls in flight are the probe
     MODELS = "models"  # the model list only: cheap, answered without an inference slot
     CANARY = "canary"  # the model list, then a tiny real inference
 
@@ -85,13 +88,15 @@ def answered_recently(backend: BackendConfig, state: BackendState) -> bool:
 
 def probe_plan(backend: BackendConfig, state: BackendState) -> ProbePlan:
     """How much to send to ``backend`` this round."""
+    if state.in_flight:
+        # Its calls say how it is (their failures feed the breaker), and llama.cpp ends the
+        # stream it is generating when any other request arrives, a model list included.
+        return ProbePlan(Send.NOTHING, f"busy: its {state.in_flight} calls in flight tell")
     if not backend.canary:
         return ProbePlan(Send.MODELS, "no canary for this backend (paid, or turned off)")
     suspected = suspicion(state)
     if suspected is not None:
         return ProbePlan(Send.CANARY, f"suspected: {suspected}")
-    if state.in_flight:
-        return ProbePlan(Send.MODELS, f"busy: {state.in_flight} calls in flight")
     if answered_recently(backend, state):
         # Alive by its own answers. The model list still goes, cheap: without it a backend
         # that is always answering would never have its model checked.
