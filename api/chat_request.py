@@ -16,7 +16,9 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -125,6 +127,29 @@ class ToolCall(_Shape):
     function: FunctionCall
 
 
+class CustomCall(_Shape):
+    name: Text = Field(max_length=256)
+    input: Text = Field(max_length=MAX_TEXT)  # free text (or the tool's grammar)
+
+
+class CustomToolCall(_Shape):
+    id: Text = Field(min_length=1, max_length=256)
+    type: Literal["custom"]
+    custom: CustomCall
+
+
+def _call_kind(value: Any) -> str:
+    """A tool call's type; a call without one is a function call."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) else "function"
+
+
+AnyToolCall = Annotated[
+    Annotated[ToolCall, Tag("function")] | Annotated[CustomToolCall, Tag("custom")],
+    Discriminator(_call_kind),
+]
+
+
 # -- messages -------------------------------------------------------------------------------
 class _Message(BaseModel):
     # Servers add fields of their own to messages (vLLM's reasoning_content sent back in a
@@ -152,7 +177,7 @@ class AssistantMessage(_Message):
         None, max_length=MAX_TEXT
     )
     refusal: Text | None = None
-    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=128)] | None = None
+    tool_calls: Annotated[list[AnyToolCall], Field(min_length=1, max_length=128)] | None = None
     audio: JSONObject | None = None
 
     @model_validator(mode="after")
@@ -187,6 +212,38 @@ class Tool(_Shape):
     function: FunctionDef
 
 
+class CustomTextFormat(_Shape):
+    type: Literal["text"]
+
+
+class Grammar(_Shape):
+    definition: Text = Field(max_length=MAX_TEXT)
+    syntax: Literal["lark", "regex"]
+
+
+class CustomGrammarFormat(_Shape):
+    type: Literal["grammar"]
+    grammar: Grammar
+
+
+class CustomDef(_Shape):
+    name: Text = Field(min_length=1, max_length=256)
+    description: Text | None = Field(None, max_length=100_000)
+    format: (
+        Annotated[CustomTextFormat | CustomGrammarFormat, Field(discriminator="type")] | None
+    ) = None
+
+
+class CustomTool(_Shape):
+    """A tool whose input is free text (or text in a grammar), not JSON arguments."""
+
+    type: Literal["custom"]
+    custom: CustomDef
+
+
+AnyTool = Annotated[Tool | CustomTool, Field(discriminator="type")]
+
+
 class NamedFunction(_Shape):
     name: Name
 
@@ -196,7 +253,41 @@ class NamedToolChoice(_Shape):
     function: NamedFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+class NamedCustom(_Shape):
+    name: Text = Field(min_length=1, max_length=256)
+
+
+class NamedCustomToolChoice(_Shape):
+    type: Literal["custom"]
+    custom: NamedCustom
+
+
+class AllowedTools(_Shape):
+    mode: Literal["auto", "required"]
+    tools: Annotated[list[JSONObject], Field(min_length=1, max_length=128)]
+
+
+class AllowedToolChoice(_Shape):
+    """The model may call only these of the offered tools."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+ToolChoice = (
+    Literal["none", "auto", "required"]
+    | Annotated[
+        NamedToolChoice | NamedCustomToolChoice | AllowedToolChoice, Field(discriminator="type")
+    ]
+)
+
+
+def _tool_name(tool: Any) -> tuple[str, Any]:
+    """A tool's (or a tool reference's) type and name: ("function", "get_weather")."""
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    body = tool.get(kind) if isinstance(tool, dict) else getattr(tool, str(kind), None)
+    name = body.get("name") if isinstance(body, dict) else getattr(body, "name", None)
+    return str(kind), name
 
 
 class JSONSchemaFormat(_Shape):
@@ -252,7 +343,7 @@ class ChatParams(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     user: Text | None = Field(None, max_length=256)
-    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tools: Annotated[list[AnyTool], Field(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
@@ -260,8 +351,10 @@ class ChatParams(BaseModel):
         dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]] | None
     ) = None
     store: bool | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
     modalities: list[Literal["text", "audio"]] | None = None
 
     @field_validator("metadata")
@@ -274,11 +367,17 @@ class ChatParams(BaseModel):
     @field_validator("tool_choice")
     @classmethod
     def _names_an_offered_tool(cls, choice: Any, info: ValidationInfo) -> Any:
-        tools = info.data.get("tools") or []
-        if isinstance(choice, NamedToolChoice):
-            if choice.function.name not in {t.function.name for t in tools}:
-                raise ValueError(f"names '{choice.function.name}', which is not in tools")
-        elif choice == "required" and not tools:
+        offered = {_tool_name(t) for t in info.data.get("tools") or []}
+        if isinstance(choice, NamedToolChoice | NamedCustomToolChoice):
+            named = [_tool_name(choice)]
+        elif isinstance(choice, AllowedToolChoice):
+            named = [_tool_name(t) for t in choice.allowed_tools.tools]
+        else:
+            named = []
+        for kind, name in named:
+            if (kind, name) not in offered:
+                raise ValueError(f"names the {kind} tool '{name}', which is not in tools")
+        if choice == "required" and not offered:
             raise ValueError("'required' needs tools")
         return choice
 

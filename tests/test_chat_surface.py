@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import openai
 import pytest
 from openai import OpenAI
 from pydantic import BaseModel
@@ -310,6 +311,70 @@ def test_server_extras_reach_the_backend_unchanged(d: Deployment, client: OpenAI
     (body,) = sent_with(d, mark)
     assert {k: body.get(k) for k in extras} == extras
     assert body["max_completion_tokens"] == 50 and body["model"] == "gpu-sim-model"
+
+
+def test_the_sdks_newer_fields_are_accepted_and_passed_on(d: Deployment, client: OpenAI) -> None:
+    """Values and shapes the SDK documents (its types: ReasoningEffort, service_tier,
+    custom tools, allowed_tools) are not refused by tierq; the backend decides."""
+    mark = marker()
+    fields: dict[str, Any] = {
+        "reasoning_effort": "xhigh",
+        "service_tier": "fast",
+        "verbosity": "low",
+        "prompt_cache_key": "weather-bot",
+        "safety_identifier": "user-1234",
+        "metadata": {"team": "weather"},
+        "store": False,
+    }
+    completion = client.chat.completions.create(model="tierq", messages=ask(mark), **fields)
+    assert completion.choices[0].message.content == f"[gpu-sim] You said: {ask(mark)[0]['content']}"
+    (body,) = sent_with(d, mark)
+    assert {k: body.get(k) for k in fields} == fields
+
+    # A custom tool (free-text input in a grammar), allowed_tools, and a custom tool call
+    # sent back with its result: the backend gets them as sent, and whatever it says is the
+    # answer (the simulator knows function tools only: its 400, not a 422 of tierq's).
+    mark = marker()
+    custom = {
+        "type": "custom",
+        "custom": {
+            "name": "count",
+            "description": "Counts.",
+            "format": {"type": "grammar", "grammar": {"syntax": "regex", "definition": r"\d+"}},
+        },
+    }
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "auto",
+            "tools": [{"type": "custom", "custom": {"name": "count"}}],
+        },
+    }
+    called = {"id": "call_1", "type": "custom", "custom": {"name": "count", "input": "42"}}
+    messages = [
+        *ask(mark),
+        {"role": "assistant", "content": None, "tool_calls": [called]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "counted"},
+    ]
+    try:
+        client.chat.completions.create(
+            model="tierq", messages=messages, tools=[WEATHER, custom], tool_choice=allowed
+        )
+    except openai.BadRequestError as refused:
+        assert refused.code == "backend_refused" and "tools.1" in str(refused)
+    (body,) = sent_with(d, mark)
+    assert body["tools"] == [WEATHER, custom] and body["tool_choice"] == allowed
+    assert body["messages"][1] == {"role": "assistant", "tool_calls": [called]}
+
+    # What no tool offered is still refused at the door, naming the field.
+    with pytest.raises(openai.UnprocessableEntityError) as unknown:
+        client.chat.completions.create(
+            model="tierq",
+            messages=ask(marker()),
+            tools=[custom],
+            tool_choice={"type": "custom", "custom": {"name": "get_weather"}},
+        )
+    assert unknown.value.param == "tool_choice" and "get_weather" in str(unknown.value)
 
 
 # -- usage in streams -----------------------------------------------------------------------
