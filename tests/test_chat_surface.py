@@ -23,7 +23,9 @@ from pydantic import BaseModel
 
 from simulator.faults import FaultSettings
 from tests.deployment import Deployment, backend, deployment, tier
+from tests.llama_server import MODEL_NAME, LlamaServer, llama
 
+__all__ = ["llama"]  # the session fixture, imported for pytest
 pytestmark = pytest.mark.slow
 
 SIM = "gpu-sim"
@@ -443,3 +445,70 @@ def test_usage_a_stream_did_not_report_is_null(d: Deployment, client: OpenAI) ->
     assert stored["status"] == "succeeded"
     usage = stored["result"]["usage"]
     assert usage == {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+
+
+# -- a real llama.cpp server behind tierq -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_llama(tmp_path_factory: pytest.TempPathFactory, llama: LlamaServer) -> Iterator[Deployment]:
+    """A deployment whose only backend is llama.cpp: logprobs in every streamed chunk, no
+    usage in streams (include_usage ignored)."""
+
+    def llama_tier(urls: dict[str, str]) -> dict[str, Any]:
+        served = backend("llama", "openai", llama.url, model=MODEL_NAME, read_timeout=30)
+        return {"tiers": [tier("gpu", served)]}
+
+    with deployment(tmp_path_factory.mktemp("llama"), config=llama_tier, simulators=()) as d:
+        d.stack.api()
+        d.stack.relay()
+        d.stack.worker("gpu")
+        yield d
+
+
+def test_logprobs_and_unknown_usage_through_a_stream(on_llama: Deployment) -> None:
+    client = OpenAI(base_url=f"{on_llama.stack.api_url}/v1", api_key=on_llama.key, max_retries=0)
+    options: dict[str, Any] = {
+        "model": "tierq",
+        "messages": ask(marker()),
+        "max_tokens": 4,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_headers": {"Idempotency-Key": f"logprobs-{uuid.uuid4()}"},
+    }
+    stream = client.chat.completions.create(**options)
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]
+    text = "".join(texts)
+    assert len(texts) > 1 and text.split() == ["Hello", "from", "the", "tiny"]
+    # Each chunk's logprobs came with it, as the server sent them.
+    assert "".join(e.token for e in entries) == text
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+
+    job_id = stream.response.headers["x-tierq-job-id"]
+    stored = job(on_llama, job_id)
+    assert stored["status"] == "succeeded"
+    choice = stored["result"]["choices"][0]
+    assert choice["message"]["content"] == text
+    assert [e["token"] for e in choice["logprobs"]["content"]] == [e.token for e in entries]
+    # llama.cpp reports no usage in a stream: unknown, not zero; the last chunk says so.
+    unknown = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+    assert stored["result"]["usage"] == unknown
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens is None
+
+    # The same request again (the job has ended): the stored answer in one chunk, with its
+    # logprobs.
+    again = list(client.chat.completions.create(**options))
+    (whole,) = [c for c in again if c.choices and c.choices[0].delta.content]
+    assert whole.choices[0].delta.content == text
+    assert whole.choices[0].logprobs is not None
+    assert [e.token for e in whole.choices[0].logprobs.content or []] == [e.token for e in entries]

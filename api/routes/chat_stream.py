@@ -55,8 +55,12 @@ class ChunkWriter:
         finish: str | None = None,
         usage: dict[str, Any] | None = None,
         tierq: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> bytes:
-        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs:
+            choice["logprobs"] = logprobs
+        choices = [] if usage else [choice]
         body: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -71,11 +75,14 @@ class ChunkWriter:
         return _sse(body)
 
     def delta(self, delta: dict[str, Any]) -> bytes:
-        """One delta as the backend sent it (text, tool-call pieces); the first has the role."""
+        """One delta as the backend sent it (text, tool-call pieces); the first has the role.
+        The chunk's logprobs travel with its delta (``logprobs``) and go back in the choice."""
+        delta = dict(delta)
+        logprobs = delta.pop("logprobs", None)
         if not self.started:
             delta = {"role": "assistant", **delta}
         self.started = True
-        return self.chunk(delta)
+        return self.chunk(delta, logprobs=logprobs)
 
     def finish(self, job: Job, shown: list[dict[str, Any]]) -> list[bytes]:
         """The end of a succeeded job's stream, after the ``shown`` deltas: what of the
@@ -84,7 +91,11 @@ class ChunkWriter:
         result = job.result or {}
         choice = (result.get("choices") or [{}])[0]
         message = choice.get("message") or {}
-        frames = [self.delta(rest) for rest in _unshown(message, shown)]
+        rest = _unshown(message, shown)
+        if choice.get("logprobs") and not any(d.get("logprobs") for d in shown):
+            # An answer that was not streamed (or whose stream carried none) has them whole.
+            rest = [{**rest[0], "logprobs": choice["logprobs"]}, *rest[1:]] if rest else []
+        frames = [self.delta(part) for part in rest]
         if not self.started:
             frames.append(self.delta({"content": ""}))
         tierq = {"job_id": str(job.id), "served_by": ServedBy.of(job).model_dump()}

@@ -4,6 +4,9 @@ Text and refusal deltas are joined; tool calls arrive in pieces keyed by their `
 (id, type and function name first, then the argument text in fragments) and are put
 together in that order; logprob entries are appended; fields a server adds to deltas
 (vLLM's ``reasoning_content``) are joined when they are text.
+
+The delta passed on is the chunk's delta, with the chunk's logprobs (which OpenAI puts
+beside the delta, in the choice) under ``logprobs``: the API puts them back in the choice.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class StreamState:
             if key not in (*CARRIED, "role") and isinstance(value, str):
                 self.extra[key] = self.extra.get(key, "") + value
         passed = {k: v for k, v in delta.items() if k != "role" and v not in (None, "", [])}
+        if isinstance(choice.get("logprobs"), dict) and any(choice["logprobs"].values()):
+            passed["logprobs"] = choice["logprobs"]
         return passed or None
 
     def _take_tool_call(self, piece: Any) -> None:
