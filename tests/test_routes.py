@@ -4,8 +4,8 @@ Pure tests of ``tierq/routes.py`` and of the configuration's checks first, then 
 deployment (API, relay, a worker per tier; Postgres and Redis) with two routes over shared
 tiers, each tier's backend a simulator:
 
-    llama-70b           big   → shared
-    llama-8b (fast)     small → shared      small-sim declares unsupported: [tools]
+    llama-70b           big   → shared (with a notice and max_tokens 3 on this step)
+    llama-8b (fast)     small → shared      small-sim: unsupported [tools, max_completion_tokens]
     edge                small
 """
 
@@ -218,9 +218,14 @@ def test_what_a_request_needs() -> None:
     result = [*ask, {"role": "assistant", "tool_calls": [{"id": "c"}]},
               {"role": "tool", "tool_call_id": "c", "content": "18"}]  # fmt: skip
     assert needs({"messages": result}) == {Feature.TOOLS}
-    image = [{"role": "user", "content": [{"type": "text", "text": "?"},
-              {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]  # fmt: skip
-    assert needs({"messages": image}) == {Feature.IMAGES}
+
+    def image(url: str) -> list[dict[str, Any]]:
+        parts = [{"type": "text", "text": "?"}, {"type": "image_url", "image_url": {"url": url}}]
+        return [{"role": "user", "content": parts}]
+
+    assert needs({"messages": image("data:image/png;base64,AAAA")}) == {Feature.IMAGES}
+    by_address = needs({"messages": image("https://x/y.png")})
+    assert by_address == {Feature.IMAGES, Feature.IMAGE_URLS}
     everything = {"response_format": {"type": "json_schema"}, "n": 2, "logprobs": True}
     assert needs({"messages": ask, **everything}) == {
         Feature.JSON_SCHEMA, Feature.CHOICES, Feature.LOGPROBS
@@ -252,11 +257,14 @@ def shared_tiers(urls: dict[str, str]) -> dict[str, Any]:
         "tiers": [
             tier("big", backend("big-sim", "openai", urls["big-sim"])),
             tier("small", backend("small-sim", "openai", urls["small-sim"],
-                                  unsupported=["tools"])),
+                                  unsupported=["tools", "max_completion_tokens"])),
             tier("shared", backend("shared-sim", "ollama", urls["shared-sim"])),
         ],
         "routes": [
-            {"model": "llama-70b", "chain": [{"tier": "big"}, {"tier": "shared"}]},
+            {"model": "llama-70b", "chain": [
+                {"tier": "big"},
+                {"tier": "shared", "degrade": {"notice": "[70b fallback]", "max_tokens": 3}},
+            ]},
             {"model": "llama-8b", "aliases": ["fast"],
              "chain": [{"tier": "small"}, {"tier": "shared"}]},
             {"model": "edge", "chain": [{"tier": "small"}]},
@@ -372,9 +380,41 @@ def test_a_failing_primary_falls_back_within_its_route(d: Deployment, http: http
         httpx.post(f"{d.simulators['big-sim']}/_sim/reset").raise_for_status()
     assert big["served_by"]["tier"] == "shared" and big["served_by"]["backend"] == "shared-sim"
     assert big["served_by"]["quality"] == "reduced"
-    assert big["result"]["choices"][0]["message"]["content"].startswith("[shared-sim]")
+    # The route's own degrade rules for that step: a notice, and at most 3 tokens.
+    choice = big["result"]["choices"][0]
+    assert choice["message"]["content"] == "[70b fallback]\n\n[shared-sim] You said:"
+    assert choice["finish_reason"] == "length"
     # The other route, whose chain ends on the same shared tier, is not touched.
     assert small["served_by"]["tier"] == "small" and small["served_by"]["quality"] == "full"
+
+    # Its own fallback on the shared tier has its own rules (none: the tier's).
+    d.fault("small-sim", mode="error_500")
+    try:
+        mark = marker()
+        small = answered(http, "llama-8b", mark)
+    finally:
+        httpx.post(f"{d.simulators['small-sim']}/_sim/reset").raise_for_status()
+    assert small["served_by"]["tier"] == "shared" and small["served_by"]["quality"] == "reduced"
+    text = small["result"]["choices"][0]["message"]["content"]
+    assert text == f"[shared-sim] You said: hello ({mark})"
+
+
+def test_max_completion_tokens_goes_as_max_tokens_where_it_is_not_known(
+    d: Deployment, http: httpx.Client
+) -> None:
+    """small-sim declares unsupported: [max_completion_tokens]: it is sent max_tokens (a
+    server that ignores the newer name would generate without a limit); big-sim gets the
+    newer name as sent."""
+    for model, sim in [("fast", "small-sim"), ("llama-70b", "big-sim")]:
+        mark = marker()
+        job = answered(http, model, mark, max_completion_tokens=2)
+        assert job["served_by"]["backend"] == sim
+        assert job["result"]["choices"][0]["finish_reason"] == "length"
+        (body,) = received(d, sim, mark)
+        if sim == "small-sim":
+            assert body["max_tokens"] == 2 and "max_completion_tokens" not in body
+        else:
+            assert body["max_completion_tokens"] == 2 and "max_tokens" not in body
 
 
 def test_models_lists_the_routes(d: Deployment, client: OpenAI) -> None:
