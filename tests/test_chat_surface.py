@@ -512,3 +512,33 @@ def test_logprobs_and_unknown_usage_through_a_stream(on_llama: Deployment) -> No
     assert whole.choices[0].delta.content == text
     assert whole.choices[0].logprobs is not None
     assert [e.token for e in whole.choices[0].logprobs.content or []] == [e.token for e in entries]
+
+
+# -- folding a stream (no deployment) --------------------------------------------------------
+
+
+def test_streamed_tool_calls_of_both_kinds_are_put_back_together() -> None:
+    """OpenAI streams a function call's arguments and a custom tool's free-text input in
+    fragments under the call's index; the stored answer has each call whole, of its kind."""
+    from worker.backends.openai_stream import StreamState
+
+    function = {"name": "get_weather", "arguments": ""}
+    pieces = [
+        {"index": 0, "id": "call_a", "type": "function", "function": function},
+        {"index": 1, "id": "call_b", "type": "custom", "custom": {"name": "count", "input": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 1, "custom": {"input": "4"}},
+        {"index": 0, "function": {"arguments": '"x"}'}},
+        {"index": 1, "custom": {"input": "2"}},
+    ]
+    state = StreamState()
+    passed = [state.take({"delta": {"tool_calls": [piece]}}) for piece in pieces]
+    assert passed == [{"tool_calls": [piece]} for piece in pieces]  # passed on as they came
+    state.take({"delta": {}, "finish_reason": "tool_calls"})
+    answer = state.answer("m")
+    assert answer.finish_reason == "tool_calls" and answer.content is None
+    assert answer.tool_calls == [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "x"}'}},
+        {"id": "call_b", "type": "custom", "custom": {"name": "count", "input": "42"}},
+    ]  # fmt: skip

@@ -1,9 +1,10 @@
 """Folding an OpenAI chat-completions stream into one answer, as the chunks arrive.
 
 Text and refusal deltas are joined; tool calls arrive in pieces keyed by their ``index``
-(id, type and function name first, then the argument text in fragments) and are put
-together in that order; logprob entries are appended; fields a server adds to deltas
-(vLLM's ``reasoning_content``) are joined when they are text.
+(id, type and function name first, then the argument text in fragments; a custom tool's
+call has its name and free-text input under ``custom``) and are put together in order;
+logprob entries are appended; fields a server adds to deltas (vLLM's
+``reasoning_content``) are joined when they are text.
 
 The delta passed on is the chunk's delta, with the chunk's logprobs (which OpenAI puts
 beside the delta, in the choice) under ``logprobs``: the API puts them back in the choice.
@@ -17,6 +18,8 @@ from typing import Any
 from worker.backends.base import ChatAnswer, Delta, count_of
 
 CARRIED = ("content", "refusal", "tool_calls")
+# The text fields of a tool call, by its type, joined from its pieces.
+TEXT_OF_CALL = {"function": ("name", "arguments"), "custom": ("name", "input")}
 
 
 @dataclass
@@ -59,18 +62,20 @@ class StreamState:
     def _take_tool_call(self, piece: Any) -> None:
         if not isinstance(piece, dict) or not isinstance(piece.get("index", 0), int):
             raise TypeError("a tool call piece is not an object with an index")
-        call = self.tool_calls.setdefault(
-            piece.get("index", len(self.tool_calls)),
-            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-        )
+        index = piece.get("index", len(self.tool_calls))
+        call = self.tool_calls.get(index)
+        if call is None:
+            # A custom tool's call (free-text input) says so on its first piece.
+            kind = "custom" if piece.get("type") == "custom" or "custom" in piece else "function"
+            text = dict.fromkeys(TEXT_OF_CALL[kind], "")
+            call = self.tool_calls[index] = {"id": "", "type": kind, kind: text}
         if isinstance(piece.get("id"), str):
             call["id"] = piece["id"]
-        if isinstance(piece.get("type"), str):
-            call["type"] = piece["type"]
-        function = piece.get("function") or {}
-        for key in ("name", "arguments"):
-            if isinstance(function.get(key), str):
-                call["function"][key] += function[key]
+        kind = call["type"]
+        body = piece.get(kind) or {}
+        for key in TEXT_OF_CALL[kind]:
+            if isinstance(body.get(key), str):
+                call[kind][key] += body[key]
 
     def answer(self, configured_model: str) -> ChatAnswer:
         usage = self.usage or {}
