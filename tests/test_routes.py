@@ -22,6 +22,7 @@ import yaml
 from openai import OpenAI
 
 from tests.deployment import Deployment, backend, deployment, tier
+from tests.services import wait_until
 from tierq import routes
 from tierq.config import ConfigError, TierqConfig, parse_config
 from tierq.errors import ErrorClass
@@ -371,13 +372,25 @@ def test_an_unknown_model_is_not_found_everywhere(
     assert response.status_code == 202 and response.json()["served_by"]["tier"] == "small"
 
 
+def recover(d: Deployment, http: httpx.Client, sim: str) -> None:
+    """The fault off, and the backend back in use (a probe may have seen it fail)."""
+    httpx.post(f"{d.simulators[sim]}/_sim/reset").raise_for_status()
+
+    def usable() -> bool:
+        rows = http.get("/health/backends").json()["data"]
+        row = next(r for r in rows if r["name"] == sim)
+        return row["health"] != "down" and row["circuit"] == "closed"
+
+    wait_until(usable, 30, 0.2, what=f"{sim} back in use")
+
+
 def test_a_failing_primary_falls_back_within_its_route(d: Deployment, http: httpx.Client) -> None:
-    d.fault("big-sim", mode="error_500")
+    d.fault("big-sim", mode="error_500", scope="chat")
     try:
         big = answered(http, "llama-70b")
         small = answered(http, "fast")
     finally:
-        httpx.post(f"{d.simulators['big-sim']}/_sim/reset").raise_for_status()
+        recover(d, http, "big-sim")
     assert big["served_by"]["tier"] == "shared" and big["served_by"]["backend"] == "shared-sim"
     assert big["served_by"]["quality"] == "reduced"
     # The route's own degrade rules for that step: a notice, and at most 3 tokens.
@@ -388,12 +401,12 @@ def test_a_failing_primary_falls_back_within_its_route(d: Deployment, http: http
     assert small["served_by"]["tier"] == "small" and small["served_by"]["quality"] == "full"
 
     # Its own fallback on the shared tier has its own rules (none: the tier's).
-    d.fault("small-sim", mode="error_500")
+    d.fault("small-sim", mode="error_500", scope="chat")
     try:
         mark = marker()
         small = answered(http, "llama-8b", mark)
     finally:
-        httpx.post(f"{d.simulators['small-sim']}/_sim/reset").raise_for_status()
+        recover(d, http, "small-sim")
     assert small["served_by"]["tier"] == "shared" and small["served_by"]["quality"] == "reduced"
     text = small["result"]["choices"][0]["message"]["content"]
     assert text == f"[shared-sim] You said: hello ({mark})"
