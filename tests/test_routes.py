@@ -11,6 +11,7 @@ tiers, each tier's backend a simulator:
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -168,8 +169,7 @@ def test_steps_take_their_own_rules_or_their_tiers() -> None:
     assert shared.escalate_on == {ErrorClass.TIMEOUT} and shared.call_timeout == 2.5
     assert chain.step("shared") is shared and chain.is_first("small")
     assert not chain.is_first("shared")
-    with pytest.raises(KeyError):
-        chain.step("big")
+    assert chain.step("big").tier.name == "big"  # not a step: the tier's own rules (below)
 
 
 def test_first_and_next_tier_skip_steps_that_cannot_serve() -> None:
@@ -513,3 +513,48 @@ def test_tools_a_request_forbids_are_not_sent_to_a_backend_without_them(
     )
     (body,) = received(d, "small-sim", mark)
     assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(body)
+
+
+def test_a_tier_that_is_no_step_of_its_route_runs_with_its_own_rules() -> None:
+    """The configuration changed under a job: its route no longer has the tier it is on."""
+    before = config()
+    after = config([{"model": "llama-70b", "chain": [{"tier": "small"}, {"tier": "shared"}]}])
+    chain = routes.of_job(after, "llama-70b")
+    stray = chain.step("big")
+    assert stray.tier == after.tier("big") and stray.degrade == after.tier("big").degrade
+    assert stray.escalate_on == frozenset(c for c in ErrorClass if c.retryable)
+    assert stray.call_timeout is None and not chain.is_first("big")
+    # It moves on to the route's own first step that can serve the request.
+    assert chain.next_tier("big") == "small"
+    assert chain.next_tier("big", {Feature.TOOLS}) == "shared"
+    # A route since removed: the first route's chain, the same way.
+    assert routes.of_job(after, "llama-8b").next_tier("big") == "small"
+    assert routes.of_job(before, "llama-70b").step("big").tier.name == "big"
+    with pytest.raises(KeyError):
+        chain.step("no-such-tier")
+
+
+def test_a_job_left_on_a_tier_its_route_dropped_is_still_answered(
+    d: Deployment, http: httpx.Client
+) -> None:
+    """Accepted onto big; big's worker then restarts with a configuration whose llama-70b
+    route no longer has big. The job runs there once more (not as the route's first step)."""
+    assert d.config_file is not None
+    [worker] = [p for p in d.stack.processes if p.name == "worker-big" and p.alive()]
+    worker.kill_group(signal.SIGKILL)
+    original = d.config_file.read_text()
+    try:
+        response = http.post("/v1/jobs", json={"model": "llama-70b", "messages": ask()})
+        assert response.status_code == 202 and response.json()["served_by"]["tier"] == "big"
+        changed = yaml.safe_load(original)
+        changed["routes"][0]["chain"] = [{"tier": "shared"}]
+        d.config_file.write_text(yaml.safe_dump(changed))
+        d.stack.worker("big")
+        job = http.get(f"/v1/jobs/{response.json()['id']}", params={"wait": 20}).json()
+    finally:
+        d.config_file.write_text(original)
+        for process in [p for p in d.stack.processes if p.name == "worker-big" and p.alive()]:
+            process.kill_group(signal.SIGKILL)
+        d.stack.worker("big")
+    assert job["status"] == "succeeded", job
+    assert job["served_by"]["tier"] == "big" and job["served_by"]["quality"] == "reduced"

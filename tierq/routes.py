@@ -9,10 +9,10 @@ name (as before routes existed). A step whose tier has no backend able to serve 
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
-from tierq.config import DegradeConfig, StepConfig, TierConfig, TierqConfig
+from tierq.config import RETRYABLE, DegradeConfig, StepConfig, TierConfig, TierqConfig
 from tierq.errors import ErrorClass
 from tierq.features import FIELD_OF, Feature, missing
 
@@ -47,10 +47,15 @@ class Step:
 
 @dataclass(frozen=True)
 class Chain:
-    """A route resolved against the tiers: what a job of this route does on each tier."""
+    """A route resolved against the tiers: what a job of this route does on each tier.
+
+    A job may be on a tier its route does not have: the configuration changed after the
+    job moved there. It runs there with the tier's own rules (not as a first step), and
+    moves on to its route's first step that can serve it."""
 
     model: str
     steps: tuple[Step, ...]
+    tiers: Mapping[str, TierConfig] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tier_names(self) -> list[str]:
@@ -60,6 +65,8 @@ class Chain:
         for step in self.steps:
             if step.tier.name == tier:
                 return step
+        if tier in self.tiers:  # no step of this route (any more)
+            return Step(self.tiers[tier], self.tiers[tier].degrade, frozenset(RETRYABLE), None)
         raise KeyError(f"tier '{tier}' is not a step of route '{self.model}'")
 
     def is_first(self, tier: str) -> bool:
@@ -74,8 +81,10 @@ class Chain:
         return Unservable(tuple(sorted(lacking)))
 
     def next_tier(self, tier: str, needs: Collection[Feature] = ()) -> str | None:
-        """The step after ``tier`` that can serve the request, if any."""
-        return self._from(self.tier_names.index(tier) + 1, needs)
+        """The step after ``tier`` that can serve the request, if any (from a tier that is
+        no step of the route: its first step that can)."""
+        names = self.tier_names
+        return self._from(names.index(tier) + 1 if tier in names else 0, needs)
 
     def _from(self, start: int, needs: Collection[Feature]) -> str | None:
         for step in self.steps[start:]:
@@ -109,12 +118,13 @@ def _chains(config: TierqConfig) -> dict[str, Chain]:
 
 
 def _resolve_all(config: TierqConfig) -> dict[str, Chain]:
+    tiers = {tier.name: tier for tier in config.tiers}
     if not config.routes:
         steps = tuple(_step(config, StepConfig(tier=name)) for name in config.tier_names)
-        return {DEFAULT_ROUTE: Chain(DEFAULT_ROUTE, steps)}
+        return {DEFAULT_ROUTE: Chain(DEFAULT_ROUTE, steps, tiers)}
     chains = {}
     for route in config.routes:
-        chain = Chain(route.model, tuple(_step(config, s) for s in route.chain))
+        chain = Chain(route.model, tuple(_step(config, s) for s in route.chain), tiers)
         chains.update(dict.fromkeys(route.names, chain))
     return chains
 
