@@ -5,6 +5,7 @@ concurrency cap is also shown end to end with real worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -422,25 +423,76 @@ def test_a_just_recovered_lone_backend_gets_ramped_traffic(tmp_path: Path) -> No
 # --- a call preparation that raises -------------------------------------------------------
 
 
-def test_a_preparation_that_always_raises_ends_the_job_dead_not_republished_forever(
+def test_a_preparation_that_raises_fails_the_job_at_once_not_republished(
     env: dict[str, str], primary: RunningSimulator, secondary: RunningSimulator
 ) -> None:
     """The claim shares its transaction with the call's preparation, so an exception there
-    rolls the claim back: nothing is left to expire, and without counting the job would be
-    republished forever. A row the worker cannot read (here a request that is not an
-    object, as a bad migration might leave) is counted like a lost lease, then dead."""
+    rolls the claim back: nothing is left to expire, and the job would be republished
+    forever. A row the worker cannot read (here a request that is not an object, as a bad
+    migration might leave) fails at once with the reason: reading it again fails again.
+    (A database error there is counted like a lost lease instead: it may pass.)"""
     config, gpu, _ = two_tiers(primary.url, secondary.url)
     job_id = queued_job(gpu)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(request=["not", "an", "object"]))
-    limit = get_settings().max_deliveries
     calls_before = httpx.get(f"{primary.url}/_sim/stats").json()["total"]
-    for delivery in range(1, limit + 1):
-        with pytest.raises(ValueError):
-            runner(config).run(job_id, gpu)
-        job = job_row(job_id)
-        assert job.lost_leases == delivery and job.published_at is None
-    assert job.status == "dead" and "preparing its call failed" in (job.error or "")
-    assert events_of(job_id).count("claimed") == 0  # every claim rolled back with its failure
-    assert events_of(job_id)[-1] == "dead"
+    with pytest.raises(ValueError):
+        runner(config).run(job_id, gpu)
+    job = job_row(job_id)
+    assert job.status == "failed" and job.lost_leases == 0, (job.status, job.error)
+    assert (job.error or "").startswith("tierq could not prepare the call: ValueError at ")
+    assert events_of(job_id) == ["failed"]  # the claim rolled back with its failure
     assert httpx.get(f"{primary.url}/_sim/stats").json()["total"] == calls_before
+
+
+# --- a request that breaks tierq itself is its own problem ------------------------------
+POISON = "poison-marker-7f3a"
+
+
+def _breaks_on_poison(original: Any) -> Any:
+    """``original``, but raising what no backend failure is (as encoding a request that
+    cannot be sent would) when the request carries POISON."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        turns = [t.content for a in args if isinstance(a, list) for t in a if hasattr(t, "seq")]
+        if POISON in repr(args) + repr(kwargs) + repr(turns):
+            raise UnicodeEncodeError("utf-8", POISON, 0, 1, f"cannot encode {POISON}")
+        return original(*args, **kwargs)
+
+    return broken
+
+
+@pytest.mark.parametrize("where", ["call", "preparation"])
+def test_a_request_that_breaks_the_worker_fails_at_once_and_frees_its_slot(
+    env: dict[str, str],
+    primary: RunningSimulator,
+    secondary: RunningSimulator,
+    faults: SimulatorControl,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    import worker.runner
+    from worker.backends.openai_compat import OpenAIClient
+
+    if where == "call":
+        monkeypatch.setattr(OpenAIClient, "body", _breaks_on_poison(OpenAIClient.body))
+    else:
+        monkeypatch.setattr(worker.runner, "build_request", _breaks_on_poison(
+            worker.runner.build_request))  # fmt: skip
+    config, gpu, _ = two_tiers(primary.url, secondary.url, max_concurrency=1)
+    poison = queued_job(gpu, f"a question with {POISON} in it")
+    # A failed preparation is raised on to Celery, after it was recorded.
+    with caplog.at_level("DEBUG"), contextlib.suppress(UnicodeEncodeError):
+        runner(config).run(poison, gpu)
+    job = job_row(poison)
+    assert job.status == "failed", (job.status, job.error)
+    assert (job.error or "").startswith("tierq could not ") and "UnicodeEncodeError" in job.error
+    assert POISON not in (job.error or "")
+    assert job.calling_backend is None and job.lease_token is None
+    assert POISON not in caplog.text, "a log line quotes the request"
+    assert faults.received("POST /v1/chat/completions") == 0
+    # Its one slot is free at once: the next job on the tier is answered, not kept waiting.
+    other = queued_job(gpu, "an ordinary question")
+    runner(config).run(other, gpu)
+    assert job_row(other).status == "succeeded"

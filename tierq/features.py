@@ -91,6 +91,25 @@ def _message_needs(message: Mapping[str, Any]) -> set[Feature]:
     return found
 
 
+# What offers tools to a model; a backend without tools gets a request only with
+# tool_choice "none", and some servers (llama.cpp without --jinja) refuse the fields.
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def fitted(request: dict[str, Any], lacks: frozenset[Feature]) -> dict[str, Any]:
+    """The request as a backend lacking ``lacks`` can take it, meaning unchanged: no tool
+    fields where tools are not supported (the request does not need them: routing saw to
+    that), and max_tokens where max_completion_tokens is ignored (a server that ignores the
+    newer name would generate without a limit)."""
+    fit = dict(request)
+    if Feature.TOOLS in lacks:
+        for key in TOOL_KEYS:
+            fit.pop(key, None)
+    if Feature.MAX_COMPLETION_TOKENS in lacks and "max_completion_tokens" in fit:
+        fit["max_tokens"] = fit.pop("max_completion_tokens")
+    return fit
+
+
 def unsupported(protocol: str, declared: Iterable[str]) -> frozenset[Feature]:
     return PROTOCOL_UNSUPPORTED.get(protocol, frozenset()) | {Feature(f) for f in declared}
 

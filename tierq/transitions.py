@@ -349,11 +349,16 @@ def fail_past_deadline(session: Session) -> int:
     return len(failed)
 
 
-def preparation_failed(session: Session, job_id: uuid.UUID, limit: int, error: str) -> bool:
+def preparation_failed(
+    session: Session, job_id: uuid.UUID, limit: int, error: str, fatal: bool = False
+) -> bool:
     """The claim rolled back with a call preparation that raised, so no lease is left to
-    run out and the relay would republish the job forever. Count it as a lost lease (dead at
-    ``limit``, like a worker that dies on the job every time) and have the relay publish it
-    again at once. True if the job is now dead."""
+    run out and the relay would republish the job forever. A failure of the request's own
+    (``fatal``: not the database's) fails the job at once: trying again fails again. Any
+    other counts as a lost lease (dead at ``limit``, like a worker that dies on the job every
+    time) and the relay publishes it again at once. True if the job has ended."""
+    if fatal:
+        return _fail_queued(session, job_id, f"tierq could not prepare the call: {error}")
     lost = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
@@ -375,6 +380,20 @@ def preparation_failed(session: Session, job_id: uuid.UUID, limit: int, error: s
         )
     )
     record_event(session, job_id, "dead", reason="poison job")
+    notify_job_changed(session, job_id)
+    return True
+
+
+def _fail_queued(session: Session, job_id: uuid.UUID, reason: str) -> bool:
+    failed = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.FAILED, finished_at=db_now(), updated_at=db_now(), error=reason)
+        .returning(Job.id)
+    )
+    if failed is None:
+        return False
+    record_event(session, job_id, str(JobStatus.FAILED), reason=reason)
     notify_job_changed(session, job_id)
     return True
 

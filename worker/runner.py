@@ -20,11 +20,14 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from tierq import broker, leases, routes, streams, transitions
@@ -33,7 +36,7 @@ from tierq.crash import crash_point
 from tierq.db import session_scope
 from tierq.errors import ErrorClass
 from tierq.events import record_event
-from tierq.features import needs
+from tierq.features import fitted, needs
 from tierq.models import Job, Turn
 from tierq.policy import Expired, Failed, NoLiveBackend, Outcome, Stopped, TierFull, decide
 from tierq.settings import Settings
@@ -86,10 +89,16 @@ class JobRunner:
         if prepared is None:
             return
         started = time.monotonic()
-        outcome = self._call(prepared)
-        latency = (time.monotonic() - started) * 1000
-        crash_point("worker.after_call")
-        publish_to = self._record(prepared, outcome, latency)
+        try:
+            outcome = self._call(prepared)
+            latency = (time.monotonic() - started) * 1000
+            crash_point("worker.after_call")
+            publish_to = self._record(prepared, outcome, latency)
+        except SQLAlchemyError:
+            raise  # the database's: the lease runs out and the relay queues the job again
+        except Exception as exc:  # the request broke tierq itself: trying again would too
+            self._broken(prepared, exc, (time.monotonic() - started) * 1000)
+            return
         if publish_to:
             broker.publish(job_id, publish_to)
 
@@ -160,14 +169,32 @@ class JobRunner:
         )
 
     def _preparation_failed(self, job_id: uuid.UUID, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"[:500]
+        reason = where_it_broke(exc)
+        fatal = not isinstance(exc, SQLAlchemyError)
         try:
             with session_scope() as session:
                 limit = self.settings.max_deliveries
-                if transitions.preparation_failed(session, job_id, limit, reason):
-                    log.error("job %s is dead: preparing its call failed %d times", job_id, limit)
+                if transitions.preparation_failed(session, job_id, limit, reason, fatal):
+                    log.error("job %s ended: preparing its call failed: %s", job_id, reason)
         except Exception as counting:  # the database may be what failed: try again next time
             log.warning("job %s: could not count the failure: %s", job_id, counting)
+
+    def _broken(self, prepared: Prepared, exc: Exception, latency: float) -> None:
+        """A call that raised what no backend failure is (a request tierq cannot encode, a
+        bug it meets): the job fails at once with the reason, its call slot and lease freed,
+        the backend's breaker untouched. Never redelivered to break a worker again."""
+        claimed, route = prepared.claimed, prepared.route
+        reason = f"tierq could not make the call: {where_it_broke(exc)}"
+        log.error("job %s: %s", claimed.job.id, reason)  # the kind and place, no content
+        with session_scope() as session:
+            transitions.record_attempt(
+                session, claimed.lease, tier=claimed.tier.name, backend=route.backend.name,
+                outcome="error", error_class="internal", error_message=reason,
+                latency_ms=latency,
+            )  # fmt: skip
+            circuit.release_trial(session, route.permit)
+            leases.let_go(session, claimed.lease)
+            transitions.fail(session, claimed.lease, reason)
 
     # -- 2. call ------------------------------------------------------------------------
     def _call(self, prepared: Prepared) -> ChatAnswer | Failed | Stopped:
@@ -175,7 +202,7 @@ class JobRunner:
         out as they arrive. Bounded by the job's deadline."""
         claimed, backend = prepared.claimed, prepared.route.backend
         step, first = claimed.step, claimed.first_step
-        request = build_request(claimed.job, prepared.turns, step, first)
+        request = fitted(build_request(claimed.job, prepared.turns, step, first), backend.lacks)
         model = None if first else step.degrade.model
         notice = None if first else step.degrade.notice
         seconds = _sooner(prepared.time_left, step.call_timeout)
@@ -283,6 +310,14 @@ class JobRunner:
             streams.append(job.id, "end")
         for successor, successor_tier in waiting:
             broker.publish(successor, successor_tier)
+
+
+def where_it_broke(exc: BaseException) -> str:
+    """An exception's kind and the line that raised it, never its message: messages quote
+    the values they choked on, and those are the request's content."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{place}"
 
 
 def _sooner(a: float | None, b: float | None) -> float | None:

@@ -69,7 +69,7 @@ class ChatAnswer:
     def message(self, prefix: str = "") -> dict[str, Any]:
         """The assistant message; ``prefix`` goes before its text (a degraded tier's notice)."""
         content = self.content
-        if prefix and (content or not self.tool_calls):
+        if prefix:  # also before tool calls: a streamed answer showed it first
             content = prefix + (content or "")
         message: dict[str, Any] = {**self.extra, "role": "assistant", "content": content}
         if self.tool_calls:

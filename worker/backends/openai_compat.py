@@ -13,7 +13,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from tierq.features import Feature
 from worker.backends.base import (
     BackendClient,
     ChatAnswer,
@@ -29,10 +28,6 @@ PATH = "/v1/chat/completions"
 # Set by tierq for every call; a client's own values would fight the configuration.
 MANAGED_KEYS = frozenset({"model", "stream", "stream_options"})
 MESSAGE_KEYS = frozenset({"role", "content", "tool_calls", "refusal"})
-# What offers tools. A request reaches a backend without tools only if it needs none
-# (tool_choice "none"); such a server may refuse the fields outright (llama.cpp without
-# --jinja), so they are left out.
-TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 class OpenAIClient(BackendClient):
@@ -48,12 +43,6 @@ class OpenAIClient(BackendClient):
     ) -> dict[str, Any]:
         body = {k: v for k, v in request.items() if k not in MANAGED_KEYS}
         body["model"] = model or self.config.model
-        if Feature.TOOLS in self.config.lacks:
-            for key in TOOL_KEYS:
-                body.pop(key, None)
-        if Feature.MAX_COMPLETION_TOKENS in self.config.lacks and "max_completion_tokens" in body:
-            # A server that ignores the newer name would generate without a limit.
-            body["max_tokens"] = body.pop("max_completion_tokens")
         if stream:
             # Without include_usage a stream carries no token counts at all.
             body |= {"stream": True, "stream_options": {"include_usage": True}}
