@@ -5,7 +5,8 @@ PUT /_sim/faults    replace the faults (absent fields take their defaults); 422 
 PATCH /_sim/faults  change only the fields given
 POST /_sim/reset    back to the initial faults, counters zeroed
 GET /_sim/stats     requests received per endpoint and in total, faults served, concurrency,
-                    and requests aborted (the client went away before the whole answer)
+                    requests aborted (the client went away before the whole answer) and
+                    streams interrupted (by a newcomer, with interrupt_streams)
 POST /_sim/stats/reset  counters and request log zeroed, faults kept
 GET /_sim/requests  the latest requests received, oldest first: endpoint, wall-clock time,
                     the fault served and the JSON body (what a client really sent)
@@ -43,6 +44,7 @@ def _dispatch(app: SimulatorApp, method: str, path: str, body: bytes) -> Reply:
     if path == "/_sim/reset" and method == "POST":
         app.faults.reset()
         app.stats.reset()
+        app.slots.wake_all()  # requests waiting for a slot see the limit as it is now
         return _state(app)
     if path == "/_sim/faults" and method in ("PUT", "PATCH"):
         return _set_faults(app, method, body)
@@ -71,4 +73,5 @@ def _set_faults(app: SimulatorApp, method: str, body: bytes) -> Reply:
             for e in exc.errors(include_url=False)
         ]
         return json_reply(422, {"detail": detail})
+    app.slots.wake_all()
     return _state(app)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from simulator.admin import handle_admin
-from simulator.answer import Answer, make_answer
+from simulator.answer import Answer, ChatCall, make_answer
 from simulator.asgi import (
     Receive,
     Reply,
     Scope,
     Send,
     Watch,
+    drop_connection,
     forever,
     header,
     json_reply,
@@ -30,10 +31,11 @@ from simulator.asgi import (
     start_stream,
 )
 from simulator.faults import FaultSettings, FaultState, Mode, Stats, faults_from_env
+from simulator.slots import Slots
 from simulator.wire import Streamer, Wire, WireError
 from simulator.wire_anthropic import AnthropicWire
 from simulator.wire_ollama import OllamaWire
-from simulator.wire_openai import OpenAIWire
+from simulator.wire_openai import SSE, OpenAIWire
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Route:
     endpoint: str  # "POST /v1/chat/completions": the key in /_sim/stats
     protocol: str  # "openai", "ollama", "anthropic", or "" when chosen by headers
     info: Callable[[Wire], Reply] | None = None  # liveness endpoints; None means chat
+    # Waits for a generation slot: chat, and GET /v1/models (llama-cpp-python's does).
+    uses_model: bool = True
 
     @property
     def is_chat(self) -> bool:
@@ -68,8 +72,8 @@ ROUTES = {
     ("POST", "/api/chat"): Route("POST /api/chat", "ollama"),
     # OpenAI and Anthropic share this path; Anthropic clients always send anthropic-version.
     ("GET", "/v1/models"): Route("GET /v1/models", "", _models),
-    ("GET", "/api/tags"): Route("GET /api/tags", "ollama", _tags),
-    ("GET", "/api/version"): Route("GET /api/version", "ollama", _version),
+    ("GET", "/api/tags"): Route("GET /api/tags", "ollama", _tags, uses_model=False),
+    ("GET", "/api/version"): Route("GET /api/version", "ollama", _version, uses_model=False),
 }
 KNOWN_PATHS = {path for _, path in ROUTES}
 
@@ -81,6 +85,7 @@ class SimulatorApp:
         self.name = name
         self.faults = FaultState(faults)
         self.stats = Stats()
+        self.slots = Slots()
         self.wires: dict[str, Wire] = {
             wire.protocol: wire
             for wire in (OpenAIWire(name), OllamaWire(name), AnthropicWire(name))
@@ -120,8 +125,11 @@ class SimulatorApp:
 
     def _takes_time(self, mode: Mode) -> bool:
         settings = self.faults.settings
-        waits = mode in (Mode.HANG, Mode.RESET)
+        waits = mode in (Mode.HANG, Mode.RESET) or settings.slots is not None
         return waits or bool(settings.latency_ms or settings.tokens_per_second)
+
+    def _slot_limit(self) -> int | None:
+        return self.faults.settings.slots
 
     async def _answer(
         self, route: Route, wire: Wire, mode: Mode, body: bytes, watch: Watch, send: Send
@@ -132,16 +140,22 @@ class SimulatorApp:
         if mode is not Mode.OK:
             self.stats.faulted(mode)
             await self._fault(mode, wire, body, watch, send)
-        elif route.info is not None:
-            await send_reply(send, route.info(wire))
+        elif route.info is None:
+            await self._chat(wire, body, watch, send)
+        elif route.uses_model:
+            async with self.slots.hold(self._slot_limit):
+                await send_reply(send, route.info(wire))
         else:
-            await self._chat(wire, body, send)
+            await send_reply(send, route.info(wire))
 
     async def _fault(self, mode: Mode, wire: Wire, body: bytes, watch: Watch, send: Send) -> None:
         if mode is Mode.RESET:
             await reset_connection(send, watch)
         elif mode is Mode.HANG:
             await forever()
+        elif mode is Mode.CONTEXT_LENGTH and self._empty_overflow(wire, wire.wants_stream(body)):
+            await start_stream(send, SSE)
+            await send_chunk(send, b"", more=False)
         else:
             await send_reply(send, self._fault_reply(mode, wire, body))
 
@@ -167,7 +181,13 @@ class SimulatorApp:
         limit = settings.max_context_words or max(prompt_tokens - 1, 1)
         return wire.context_length(prompt_tokens, limit)
 
-    async def _chat(self, wire: Wire, body: bytes, send: Send) -> None:
+    def _empty_overflow(self, wire: Wire, stream: bool) -> bool:
+        """A streamed context overflow is an empty 200 stream (llama-cpp-python's)."""
+        return (
+            stream and wire.protocol == "openai" and self.faults.settings.overflow_stream == "empty"
+        )
+
+    async def _chat(self, wire: Wire, body: bytes, watch: Watch, send: Send) -> None:
         try:
             call = wire.parse_chat(body)
         except WireError as exc:
@@ -175,41 +195,90 @@ class SimulatorApp:
             return
         settings = self.faults.settings
         limit = settings.max_context_words
-        if limit is not None and call.prompt_tokens > limit:
+        overflow = limit is not None and call.prompt_tokens > limit
+        if limit is not None and overflow and not self._empty_overflow(wire, call.stream):
             await send_reply(send, wire.context_length(call.prompt_tokens, limit))
             return
+        if not settings.stream_usage:
+            call = replace(call, include_usage=False)
         answer = make_answer(self.name, call)
-        interval = 1 / settings.tokens_per_second if settings.tokens_per_second else 0.0
-        if call.stream:
-            await _stream(wire.streamer(call, answer), answer, interval, send)
-            return
+        streamer = wire.streamer(call, answer) if call.stream else None
+        if streamer is not None:
+            # A stream's 200 comes at once, even when it waits for a slot (as llama.cpp's).
+            await start_stream(send, streamer.content_type)
+        async with self.slots.hold(self._slot_limit) as arrivals:
+            if streamer is None:
+                await self._plain(wire, call, answer, send)
+            elif overflow:
+                await send_chunk(send, b"", more=False)
+            else:
+                await self._stream(
+                    streamer, answer, Interrupt(self, streamer, arrivals), watch, send
+                )
+
+    async def _plain(self, wire: Wire, call: ChatCall, answer: Answer, send: Send) -> None:
+        interval = self._interval()
         if interval:
             await asyncio.sleep(interval * answer.completion_tokens)
         await send_reply(send, wire.completion(call, answer))
 
+    def _interval(self) -> float:
+        pace = self.faults.settings.tokens_per_second
+        return 1 / pace if pace else 0.0
 
-async def _stream(streamer: Streamer, answer: Answer, interval: float, send: Send) -> None:
-    await start_stream(send, streamer.content_type)
-    if not interval:
-        # Unpaced: one write for the whole stream keeps benchmarks cheap; clients parse
-        # the frames the same way whatever the TCP segments.
-        frames = [streamer.head(), *map(streamer.piece, answer.pieces), streamer.tail()]
-        await send_chunk(send, b"".join(frames), more=False)
-        return
-    await send_chunk(send, streamer.head())
-    await _paced(send, [streamer.piece(p) for p in answer.pieces], interval)
-    await send_chunk(send, streamer.tail(), more=False)
+    async def _stream(
+        self, streamer: Streamer, answer: Answer, interrupt: Interrupt, watch: Watch, send: Send
+    ) -> None:
+        frames = [streamer.head(), *map(streamer.piece, answer.pieces)]
+        interval = self._interval()
+        if not interval:
+            # Unpaced: one write for the whole stream keeps benchmarks cheap; clients parse
+            # the frames the same way whatever the TCP segments.
+            await send_chunk(send, b"".join([*frames, streamer.tail()]), more=False)
+            return
+        await send_chunk(send, frames[0])
+        if await _paced(send, frames[1:], interval, interrupt) or interrupt():
+            # As llama-cpp-python: [DONE] instead of the rest, then the connection drops.
+            self.stats.interrupt()
+            await send_chunk(send, interrupt.frame)
+            await drop_connection(send, watch)
+            return
+        await send_chunk(send, streamer.tail(), more=False)
 
 
-async def _paced(send: Send, frames: list[bytes], interval: float) -> None:
-    """Send one frame per interval against a fixed schedule, so sleeps do not add drift."""
+class Interrupt:
+    """Whether a newcomer has ended a running stream (the interrupt_streams fault): one
+    that waits for a slot (llama-cpp-python's rule, which also cuts a stream that waited
+    short as soon as it starts if another waits behind it), or, with free slots, one that
+    arrived since the stream began."""
+
+    def __init__(self, app: SimulatorApp, streamer: Streamer, arrivals: int) -> None:
+        self.app = app
+        self.frame = streamer.interruption() or b""
+        self.arrivals = arrivals  # requests for the model when this stream began
+
+    def __call__(self) -> bool:
+        if not (self.frame and self.app.faults.settings.interrupt_streams):
+            return False
+        slots = self.app.slots
+        return slots.waiting > 0 or slots.arrivals != self.arrivals
+
+
+async def _paced(
+    send: Send, frames: list[bytes], interval: float, stop: Callable[[], bool]
+) -> bool:
+    """Send one frame per interval against a fixed schedule, so sleeps do not add drift;
+    True if ``stop()`` said to stop before a frame."""
     start = time.monotonic()
     for i, frame in enumerate(frames, start=1):
         delay = start + i * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if stop():
+            return True
         if frame:  # a piece may have no frame of its own (Ollama sends a tool call whole)
             await send_chunk(send, frame)
+    return False
 
 
 def _protocol_by_headers(scope: Scope) -> str:

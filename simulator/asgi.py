@@ -89,9 +89,7 @@ async def reset_connection(send: Send, watch: Watch) -> None:
     ``transport``). SO_LINGER with a zero timeout makes close() send RST instead of FIN,
     which is what a crashed server or a dropped NAT entry looks like to the client.
     """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        raise RuntimeError("the reset fault needs uvicorn (no transport behind `send`)")
+    transport = _transport(send)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -100,6 +98,23 @@ async def reset_connection(send: Send, watch: Watch) -> None:
     # Return only once the server has seen the connection go, or it would try a 500: the
     # watch cancels this wait when the disconnect arrives.
     await forever()
+
+
+async def drop_connection(send: Send, watch: Watch) -> None:
+    """Close the client's connection in the middle of a chunked body: what sent is
+    delivered, then FIN without the body's last chunk (a server giving up on a stream)."""
+    watch.dropping = True
+    _transport(send).close()
+    await forever()  # until the watch sees the connection go
+
+
+def _transport(send: Send) -> Any:
+    # ASGI has no way to say "drop this connection"; uvicorn's per-request cycle object,
+    # whose method `send` is, keeps the connection's transport.
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        raise RuntimeError("dropping a connection needs uvicorn (no transport behind `send`)")
+    return transport
 
 
 class Watch:

@@ -72,6 +72,27 @@ class FaultSettings(BaseModel):
         default="all",
         description="'chat': liveness endpoints keep answering while inference fails.",
     )
+    # llama-cpp-python's server, as tests/test_llama_wire.py pins it down:
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generations at once (chat, and GET /v1/models, which waits for the "
+        "model too); the others wait. Empty: no limit.",
+    )
+    interrupt_streams: bool = Field(
+        default=False,
+        description="A request for the model ends a running OpenAI stream: its last event "
+        "is [DONE], with no finish_reason, and the connection drops mid-body.",
+    )
+    overflow_stream: Literal["error", "empty"] = Field(
+        default="error",
+        description="A streamed OpenAI request over the context: the protocol's error, or "
+        "'empty', an empty 200 event stream.",
+    )
+    stream_usage: bool = Field(
+        default=True,
+        description="false: OpenAI streams never carry usage, even with include_usage.",
+    )
 
 
 class FaultState:
@@ -153,6 +174,7 @@ class Stats:
         self.in_flight = 0
         self.max_in_flight = 0
         self.aborted = 0  # closed by the client before the whole answer was sent
+        self.interrupted = 0  # streams ended by a newcomer (interrupt_streams)
         self.log: deque[Received] = deque(maxlen=REQUEST_LOG_SIZE)
         self._seq = 0
 
@@ -176,12 +198,16 @@ class Stats:
     def abort(self) -> None:
         self.aborted += 1
 
+    def interrupt(self) -> None:
+        self.interrupted += 1
+
     def reset(self) -> None:
         """Counters and log back to zero; requests still open keep counting as in flight."""
         self.endpoints.clear()
         self.faults.clear()
         self.log.clear()
         self.aborted = 0
+        self.interrupted = 0
         self.max_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
@@ -192,6 +218,7 @@ class Stats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "aborted": self.aborted,
+            "interrupted": self.interrupted,
         }
 
     def requests(self) -> list[dict[str, Any]]:

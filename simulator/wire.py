@@ -37,6 +37,11 @@ class Streamer(ABC):
     @abstractmethod
     def tail(self) -> bytes: ...
 
+    def interruption(self) -> bytes | None:
+        """The last frame of a stream a newcomer ends (interrupt_streams); None: this
+        protocol's streams are not interrupted."""
+        return None
+
 
 class Wire(ABC):
     """One protocol as a simulated instance named ``instance`` speaks it."""

@@ -11,6 +11,7 @@ from simulator.tools import openai_extras
 from simulator.wire import Streamer, Wire, call_id, positive_int, rate_limit_headers, unix_now
 
 SSE = "text/event-stream; charset=utf-8"
+DONE = b"data: [DONE]\n\n"
 
 
 def _error(status: int, message: str, kind: str, code: str | None = None, **extra: Any) -> Reply:
@@ -62,8 +63,12 @@ class OpenAIStreamer(Streamer):
         if self.call.include_usage:
             usage = _usage(self.answer)
             frames.append(b"data: " + dumps(self.base | {"choices": [], "usage": usage}) + b"\n\n")
-        frames.append(b"data: [DONE]\n\n")
+        frames.append(DONE)
         return b"".join(frames)
+
+    def interruption(self) -> bytes:
+        # llama-cpp-python ends an interrupted stream with [DONE] alone: no finish_reason.
+        return DONE
 
 
 def _usage(answer: Answer) -> dict[str, int]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -42,10 +43,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".pytest_cache" / "llama"
@@ -110,6 +114,8 @@ def _bigram(vocab: Vocab, endless: bool = False) -> tuple[np.ndarray, np.ndarray
     its successor (the answer's words, and JSON's openers) also has 1 in a dimension of
     its own, through which it votes: the last word, more weakly, for the first, so the
     answer starts over when the end of turn is forbidden."""
+    import numpy as np
+
     n_vocab = len(vocab.tokens)
     bias = np.zeros(n_vocab, dtype=np.float32)
     for token in ("<unk>", "<s>", "</s>", "<|im_start|>"):
@@ -148,13 +154,13 @@ def _byte(char: str) -> str:
 
 def _norms() -> tuple[float, float]:
     """Dimension 0 after RMS norm: for a plain embedding, and for one with a vote."""
-    plain = 1 / np.sqrt(1 / N_EMBD)
-    voter = 1 / np.sqrt(2 / N_EMBD)
-    return float(plain), float(voter)
+    return math.sqrt(N_EMBD), math.sqrt(N_EMBD / 2)
 
 
 def _logits(embd: np.ndarray, out: np.ndarray, token: int) -> np.ndarray:
     """What the model computes after ``token`` (the layers add nothing): for the check."""
+    import numpy as np
+
     x = embd[token]
     h = x / np.sqrt(np.mean(x * x) + RMS_EPS)
     return out @ h
@@ -164,6 +170,7 @@ def write_model(path: Path, endless: bool = False) -> None:
     """Write the tiny model to ``path`` (a GGUF file of about 500 KB). An ``endless``
     model never ends its turn: it says ANSWER over and over, up to max_tokens or n_ctx."""
     import gguf
+    import numpy as np
 
     vocab = _vocab()
     embd, out = _bigram(vocab, endless)
@@ -204,6 +211,7 @@ def write_model(path: Path, endless: bool = False) -> None:
 def _add_layer(writer: object, i: int, rng: np.random.Generator) -> None:
     """One transformer block that computes (random attention, a random MLP) and adds
     nothing: its output projections are zero, so the bigram table is all that speaks."""
+    import numpy as np
 
     def random(*shape: int) -> np.ndarray:
         return rng.normal(0, 0.02, size=shape).astype(np.float32)
@@ -226,6 +234,8 @@ def _add_layer(writer: object, i: int, rng: np.random.Generator) -> None:
 
 def _check(vocab: Vocab, embd: np.ndarray, out: np.ndarray, endless: bool) -> None:
     """The table says what the docstring promises, or the model is not written."""
+    import numpy as np
+
     current = vocab.id("<0x0A>")
     said = []
     for _ in range(ANSWER_TOKENS + 1):

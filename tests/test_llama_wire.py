@@ -133,13 +133,15 @@ def test_a_stream_never_carries_usage(llama: LlamaServer) -> None:
 
 
 # -- one request at a time, and what a newcomer does to a running stream ----------------
-def interrupted(server: LlamaServer, interrupt: Any) -> tuple[bytes, Exception | None, Any]:
-    """Start a long stream, call ``interrupt()`` once it is flowing, read the rest."""
-    body = {"model": "m", "messages": CHAT, "stream": True} | LONG
+# The checks of these facts take bytes from any server: the simulator's tests reuse them.
+def interrupted(url: str, body: dict[str, Any], interrupt: Any) -> tuple[bytes, Any, Any]:
+    """POST a stream to ``url``, call ``interrupt()`` once it flows, read the rest: the
+    bytes received, the error that ended the reading (None: it ended well), and what
+    ``interrupt()`` returned."""
     received: list[bytes] = []
     outcome: dict[str, Any] = {}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
-        raw = r.iter_raw()
+    with httpx.stream("POST", url, json=body, timeout=30) as response:
+        raw = response.iter_raw()
         received.append(next(raw))
         thread = threading.Thread(target=lambda: outcome.setdefault("other", interrupt()))
         thread.start()
@@ -151,28 +153,74 @@ def interrupted(server: LlamaServer, interrupt: Any) -> tuple[bytes, Exception |
     return b"".join(received), outcome.get("error"), outcome["other"]
 
 
+def check_interrupted(data: bytes, error: Any) -> list[dict[str, Any]]:
+    """A stream a newcomer ended: its last event is [DONE], no chunk has a finish_reason,
+    and the connection then closes without the chunked body's end. Returns the chunks."""
+    assert data.endswith(b"data: [DONE]\n\n")
+    parsed = chunks(data)
+    assert [c["choices"][0]["finish_reason"] for c in parsed] == [None] * len(parsed)
+    assert isinstance(error, httpx.RemoteProtocolError)
+    assert "incomplete chunked read" in str(error)
+    return parsed
+
+
 def test_a_new_request_ends_a_running_stream_with_done_and_a_dropped_connection(
     llama: LlamaServer,
 ) -> None:
-    data, error, other = interrupted(llama, lambda: chat(llama, max_tokens=3))
-    # The stream stops early: its last event is [DONE], with no finish_reason before it...
-    assert data.endswith(b"data: [DONE]\n\n")
-    parsed = chunks(data)
-    assert len(parsed) < LONG["max_tokens"]
-    assert [c["choices"][0]["finish_reason"] for c in parsed] == [None] * len(parsed)
-    assert parsed[-1]["choices"][0]["delta"]["content"]  # the last token, nothing else
-    # ...and then the connection closes without the chunked body's end.
-    assert isinstance(error, httpx.RemoteProtocolError)
-    assert "incomplete chunked read" in str(error)
+    body = {"model": "m", "messages": CHAT, "stream": True} | LONG
+    url = f"{llama.url}/v1/chat/completions"
+    data, error, other = interrupted(url, body, lambda: chat(llama, max_tokens=3))
+    parsed = check_interrupted(data, error)
+    assert len(parsed) < LONG["max_tokens"]  # it stopped early
+    assert parsed[-1]["choices"][0]["delta"]["content"]  # after a token, with nothing else
     assert other.status_code == 200  # the newcomer is answered as usual
     assert other.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_even_a_models_listing_interrupts_a_stream(llama: LlamaServer) -> None:
-    data, error, models = interrupted(llama, lambda: httpx.get(f"{llama.url}/v1/models"))
-    assert data.endswith(b"data: [DONE]\n\n") and len(chunks(data)) < LONG["max_tokens"]
-    assert isinstance(error, httpx.RemoteProtocolError)
+    body = {"model": "m", "messages": CHAT, "stream": True} | LONG
+    listing = lambda: httpx.get(f"{llama.url}/v1/models")  # noqa: E731
+    data, error, models = interrupted(f"{llama.url}/v1/chat/completions", body, listing)
+    assert len(check_interrupted(data, error)) < LONG["max_tokens"]
     assert models.status_code == 200
+
+
+def queued_stream(url: str, long: Any, body: Any, short: Any) -> tuple[bytes, Any, Any]:
+    """A long plain answer; a stream waiting behind it; a short answer waiting behind both.
+    Returns the stream's bytes, the error that ended its reading, the short answer."""
+    generating = threading.Thread(target=lambda: httpx.post(url, json=long, timeout=30))
+    generating.start()
+    time.sleep(0.05)  # the long answer takes 0.3 s or more: both must queue behind it
+    received: list[bytes] = []
+    outcome: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=30) as response:
+                received.extend(response.iter_raw())
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.05)
+    answer = httpx.post(url, json=short, timeout=30)
+    generating.join()
+    reader.join()
+    return b"".join(received), outcome.get("error"), answer
+
+
+def test_a_stream_that_waited_is_cut_at_once_by_one_waiting_behind_it(
+    llama: LlamaServer,
+) -> None:
+    data, error, answer = queued_stream(
+        f"{llama.url}/v1/chat/completions",
+        {"model": "m", "messages": CHAT} | LONGEST,
+        {"model": "m", "messages": CHAT, "stream": True},
+        {"model": "m", "messages": CHAT, "max_tokens": 1},
+    )
+    assert len(check_interrupted(data, error)) <= 2  # its first chunk, perhaps one token
+    assert answer.status_code == 200
 
 
 def test_the_openai_sdk_sees_an_interrupted_stream_end_quietly(llama: LlamaServer) -> None:
@@ -192,8 +240,10 @@ def test_the_openai_sdk_sees_an_interrupted_stream_end_quietly(llama: LlamaServe
 
 
 def test_without_interrupt_requests_a_newcomer_waits(llama: LlamaServer) -> None:
+    body = {"model": "m", "messages": CHAT, "stream": True} | LONG
     with running_llama(options={"interrupt_requests": False}) as patient:
-        data, error, other = interrupted(patient, lambda: chat(patient, max_tokens=3))
+        url = f"{patient.url}/v1/chat/completions"
+        data, error, other = interrupted(url, body, lambda: chat(patient, max_tokens=3))
     assert error is None
     assert chunks(data)[-1]["choices"][0]["finish_reason"] == "length"
     assert len(chunks(data)) == LONG["max_tokens"] + 2
@@ -235,8 +285,10 @@ def test_a_waiting_stream_gets_its_headers_at_once(llama: LlamaServer) -> None:
     body = {"model": "m", "messages": CHAT, "stream": True, "max_tokens": 1}
     with httpx.stream("POST", f"{llama.url}/v1/chat/completions", json=body, timeout=30) as r:
         headers = time.monotonic()
-        next(r.iter_raw())
+        raw = r.iter_raw()
+        next(raw)
         first_event = time.monotonic()
+        list(raw)
     generating.join()
     assert r.status_code == 200
     assert headers < ends["long"] - ENDED  # the 200 at once; the first event after the slot
@@ -270,21 +322,39 @@ def test_only_the_prompt_must_fit_max_tokens_is_cut_to_the_context(llama: LlamaS
     assert usage["total_tokens"] == N_CTX  # not a 400: generated up to the context's end
 
 
-def test_a_streamed_prompt_over_the_context_is_an_empty_200(llama: LlamaServer) -> None:
-    body = json.dumps({"model": "m", "messages": TOO_LONG, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", llama.port), timeout=10) as sock:
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
-        sock.sendall(head.encode() + b"\r\nContent-Type: application/json\r\n\r\n" + body)
-        raw = b""
-        while chunk := sock.recv(65536):  # the server closes the connection
+def raw_post(port: int, path: str, body: dict[str, Any], close: bool = True) -> bytes:
+    """The answer's bytes, read until the server closes the connection (which it is asked
+    to do, unless not ``close``: then it must close it of its own accord)."""
+    data = json.dumps(body).encode()
+    connection = "Connection: close\r\n" if close else ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{connection}"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    raw = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + data)
+        while chunk := sock.recv(65536):
             raw += chunk
-    head_text, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head_text.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 200 OK"
+    return raw
+
+
+def check_empty_stream(raw: bytes) -> None:
+    """A 200 event stream whose chunked body ends at once: no event, no error, no [DONE]."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = [line.lower() for line in head.decode().split("\r\n")]
+    assert lines[0] == "http/1.1 200 ok"
     assert f"content-type: {SSE_TYPE}" in lines and "transfer-encoding: chunked" in lines
-    assert rest == b"0\r\n\r\n"  # a complete, empty body: no event, no error, no [DONE]
+    assert rest == b"0\r\n\r\n"
+
+
+def test_a_streamed_prompt_over_the_context_is_an_empty_200(llama: LlamaServer) -> None:
+    body = {"model": "m", "messages": TOO_LONG, "stream": True}
+    # Then it closes the connection, though it said keep-alive (a read to EOF ends).
+    check_empty_stream(raw_post(llama.port, "/v1/chat/completions", body, close=False))
     client = openai.OpenAI(base_url=f"{llama.url}/v1", api_key="x", max_retries=0)
-    assert list(client.chat.completions.create(model="m", messages=TOO_LONG, stream=True)) == []  # type: ignore[arg-type]
+    streamed = client.chat.completions.create(model="m", messages=TOO_LONG, stream=True)  # type: ignore[arg-type]
+    assert list(streamed) == []  # the SDK sees an answer with nothing in it
 
 
 # -- tools, JSON mode, content parts: what the chat format makes of them ----------------

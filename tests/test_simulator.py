@@ -23,6 +23,17 @@ from simulator.control import SimulatorControl
 from simulator.faults import FaultSettings, Mode, faults_from_env
 from simulator.server import bind
 from tests.simulator_fixture import running_simulator, running_simulators
+from tests.test_llama_wire import (
+    ENDED,
+    check_empty_stream,
+    check_interrupted,
+    chunks,
+    events,
+    in_background,
+    interrupted,
+    queued_stream,
+    raw_post,
+)
 
 NAME = "sim-a"
 CHAT: list[Any] = [
@@ -798,3 +809,144 @@ def test_image_parts_are_accepted_and_counted(
         == 200
     )
     assert [r["images"] for r in control.requests()] == [1, 2, 1]
+
+
+# -- llama.cpp's server (llama-cpp-python), as tests/test_llama_wire.py pins it ---------
+WORDY = [{"role": "user", "content": "word " * 40}]  # a 43-word answer
+
+
+def _chat_url(base_url: str) -> str:
+    return f"{base_url}/v1/chat/completions"
+
+
+def test_slots_one_generation_at_a_time(base_url: str, control: SimulatorControl) -> None:
+    """As test_llama_wire.test_one_generation_at_a_time; without slots, side by side."""
+    long = {"model": "m", "messages": WORDY}
+    short = {"model": "m", "messages": CHAT, "max_tokens": 1}
+    for slots, waits in ((1, True), (None, False)):
+        control.set_faults(slots=slots, tokens_per_second=100)
+        ends: dict[str, float] = {}
+        threads = [in_background(lambda: httpx.post(_chat_url(base_url), json=long), ends, "long")]
+        time.sleep(0.1)
+        threads += [
+            in_background(lambda: httpx.post(_chat_url(base_url), json=short), ends, "short"),
+            in_background(lambda: httpx.get(f"{base_url}/v1/models"), ends, "models"),
+        ]
+        for thread in threads:
+            thread.join()
+        assert (ends["short"] > ends["long"] - ENDED) is waits
+        assert (ends["models"] > ends["long"] - ENDED) is waits
+
+
+def test_slots_a_waiting_stream_gets_its_headers_at_once(
+    base_url: str, control: SimulatorControl
+) -> None:
+    """As test_llama_wire.test_a_waiting_stream_gets_its_headers_at_once."""
+    control.set_faults(slots=1, tokens_per_second=100)
+    ends: dict[str, float] = {}
+    long = {"model": "m", "messages": WORDY}
+    generating = in_background(lambda: httpx.post(_chat_url(base_url), json=long), ends, "long")
+    time.sleep(0.1)
+    body = {"model": "m", "messages": CHAT, "stream": True, "max_tokens": 1}
+    with httpx.stream("POST", _chat_url(base_url), json=body) as response:
+        headers = time.monotonic()
+        raw = response.iter_raw()
+        next(raw)
+        first_event = time.monotonic()
+        list(raw)  # read to the end: a stream left behind would count as aborted later
+    generating.join()
+    assert response.status_code == 200
+    assert headers < ends["long"] - ENDED
+    assert first_event > ends["long"] - ENDED
+
+
+def test_interrupt_streams_ends_a_stream_as_llama_cpp_does(
+    base_url: str, control: SimulatorControl
+) -> None:
+    """As test_llama_wire.test_a_new_request_ends_a_running_stream_with_done_and_a_dropped_
+    connection and test_even_a_models_listing_interrupts_a_stream."""
+    control.set_faults(slots=1, interrupt_streams=True, tokens_per_second=50)
+    body = {"model": "m", "messages": WORDY, "stream": True}
+    short = {"model": "m", "messages": CHAT, "max_tokens": 3}
+    newcomers = {
+        "chat": lambda: httpx.post(_chat_url(base_url), json=short),
+        "models": lambda: httpx.get(f"{base_url}/v1/models"),
+    }
+    for name, newcomer in newcomers.items():
+        data, error, other = interrupted(_chat_url(base_url), body, newcomer)
+        assert len(check_interrupted(data, error)) < 40, name
+        assert other.status_code == 200
+    assert other.json()["data"][0]["id"] == NAME
+    stats = _stats_within(control, 1.0, in_flight=0)
+    assert (stats["interrupted"], stats["aborted"]) == (2, 0)
+
+
+def test_interrupt_streams_cuts_a_stream_that_waited_if_another_waits_behind_it(
+    base_url: str, control: SimulatorControl
+) -> None:
+    """As test_llama_wire.test_a_stream_that_waited_is_cut_at_once_by_one_waiting_behind_it."""
+    control.set_faults(slots=1, interrupt_streams=True, tokens_per_second=100)
+    data, error, answer = queued_stream(
+        _chat_url(base_url),
+        {"model": "m", "messages": WORDY},
+        {"model": "m", "messages": WORDY, "stream": True},
+        {"model": "m", "messages": CHAT, "max_tokens": 1},
+    )
+    assert len(check_interrupted(data, error)) <= 2
+    assert answer.status_code == 200
+
+
+def test_interrupt_streams_only_with_the_knob(base_url: str, control: SimulatorControl) -> None:
+    """As test_llama_wire.test_without_interrupt_requests_a_newcomer_waits."""
+    control.set_faults(slots=1, tokens_per_second=100)
+    body = {"model": "m", "messages": WORDY, "stream": True}
+    short = {"model": "m", "messages": CHAT, "max_tokens": 3}
+    newcomer = lambda: httpx.post(_chat_url(base_url), json=short)  # noqa: E731
+    data, error, other = interrupted(_chat_url(base_url), body, newcomer)
+    assert error is None
+    assert chunks(data)[-1]["choices"][0]["finish_reason"] == "stop"
+    assert other.status_code == 200
+    assert control.stats()["interrupted"] == 0
+
+
+def test_interrupt_streams_the_openai_sdk_ends_quietly(
+    oai: openai.OpenAI, base_url: str, control: SimulatorControl
+) -> None:
+    """As test_llama_wire.test_the_openai_sdk_sees_an_interrupted_stream_end_quietly."""
+    control.set_faults(slots=1, interrupt_streams=True, tokens_per_second=50)
+    received = oai.chat.completions.create(model="m", messages=WORDY, stream=True)  # type: ignore[arg-type]
+    first = next(iter(received))
+    assert first.choices[0].delta.role == "assistant"
+    httpx.post(_chat_url(base_url), json={"model": "m", "messages": CHAT, "max_tokens": 1})
+    rest = list(received)
+    assert len(rest) < 40
+    assert {c.choices[0].finish_reason for c in rest} <= {None}
+
+
+def test_overflow_stream_empty(base_url: str, control: SimulatorControl) -> None:
+    """As test_llama_wire.test_a_streamed_prompt_over_the_context_is_an_empty_200."""
+    port = int(base_url.rsplit(":", 1)[1])
+    body = {"model": "m", "messages": CHAT, "stream": True}
+    control.set_faults(max_context_words=2, overflow_stream="empty")
+    check_empty_stream(raw_post(port, "/v1/chat/completions", body))
+    control.set_faults(mode="context_length", overflow_stream="empty")
+    check_empty_stream(raw_post(port, "/v1/chat/completions", body))
+    control.set_faults(max_context_words=2)  # the protocol's error, as before
+    assert httpx.post(_chat_url(base_url), json=body).status_code == 400
+    control.set_faults(max_context_words=2, overflow_stream="empty")
+    plain = httpx.post(_chat_url(base_url), json=body | {"stream": False})
+    assert plain.status_code == 400  # only streams: a plain overflow is a 400 there too
+    ollama = httpx.post(f"{base_url}/api/chat", json=OLLAMA_BODY)
+    assert ollama.status_code == 400  # an OpenAI stream's behaviour only
+
+
+def test_stream_usage_false_never_sends_usage(base_url: str, control: SimulatorControl) -> None:
+    """As test_llama_wire.test_a_stream_never_carries_usage."""
+    body = {"model": "m", "messages": CHAT, "stream": True}
+    asked = body | {"stream_options": {"include_usage": True}}
+    assert any(c.get("usage") for c in chunks(httpx.post(_chat_url(base_url), json=asked).content))
+    control.set_faults(stream_usage=False)
+    plain = httpx.post(_chat_url(base_url), json=body).content
+    data = httpx.post(_chat_url(base_url), json=asked).content
+    assert len(events(data)) == len(events(plain))
+    assert all("usage" not in c for c in chunks(data))
