@@ -82,7 +82,6 @@ END_OF_TURN = 6.0
 @dataclass(frozen=True)
 class Vocab:
     tokens: list[str]
-    scores: list[float]
     types: list[int]
 
     def id(self, token: str) -> int:
@@ -101,8 +100,7 @@ def _vocab() -> Vocab:
     words = ["\u2581", *CHAIN, "\u2581and", "\u2581or", "\u2581x"]
     tokens += words
     types += [TokenType.NORMAL] * len(words)
-    scores = [0.0] * len(tokens)
-    return Vocab(tokens, scores, [int(t) for t in types])
+    return Vocab(tokens, [int(t) for t in types])
 
 
 def _bigram(vocab: Vocab, endless: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +186,7 @@ def write_model(path: Path, endless: bool = False) -> None:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
+    writer.add_token_scores([0.0] * len(vocab.tokens))  # no merges: bytes only
     writer.add_token_types(vocab.types)
     writer.add_unk_token_id(vocab.id("<unk>"))
     writer.add_bos_token_id(vocab.id("<s>"))
