@@ -80,6 +80,11 @@ class BackendConfig(_Strict):
     paid: bool = Field(False, description="Calls cost money: no canary probes by default.")
     breaker: BreakerConfig | None = Field(None, description="Overrides the tier's breaker.")
     health: HealthConfig = HealthConfig()
+    dialect: Literal["llama.cpp"] | None = Field(
+        None,
+        description="An OpenAI-protocol server's own quirks, translated: llama.cpp "
+        "(llama-cpp-python's server).",
+    )
     unsupported: list[Feature] = Field(
         default_factory=list,
         description="What the server cannot do (tools, images, json_schema, ...): requests "
@@ -89,7 +94,7 @@ class BackendConfig(_Strict):
     @property
     def lacks(self) -> frozenset[Feature]:
         """What this backend cannot do: declared, and what its protocol cannot carry."""
-        return unsupported(self.protocol, self.unsupported)
+        return unsupported(self.protocol, self.unsupported, self.dialect)
 
     @property
     def canary(self) -> bool:

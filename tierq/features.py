@@ -53,6 +53,13 @@ PROTOCOL_UNSUPPORTED: Mapping[str, frozenset[Feature]] = {
     ),
 }  # fmt: skip
 
+# What a server speaking the OpenAI protocol with its own quirks (``dialect``) ignores.
+DIALECT_UNSUPPORTED: Mapping[str, frozenset[Feature]] = {
+    # llama-cpp-python's server ignores max_completion_tokens (it generated 425 tokens for a
+    # limit of 5) and knows no response_format json_schema (tierq sends its own form).
+    "llama.cpp": frozenset({Feature.MAX_COMPLETION_TOKENS}),
+}
+
 _PART_FEATURES = {"image_url": Feature.IMAGES, "input_audio": Feature.AUDIO, "file": Feature.FILES}
 
 
@@ -110,8 +117,12 @@ def fitted(request: dict[str, Any], lacks: frozenset[Feature]) -> dict[str, Any]
     return fit
 
 
-def unsupported(protocol: str, declared: Iterable[str]) -> frozenset[Feature]:
-    return PROTOCOL_UNSUPPORTED.get(protocol, frozenset()) | {Feature(f) for f in declared}
+def unsupported(
+    protocol: str, declared: Iterable[str], dialect: str | None = None
+) -> frozenset[Feature]:
+    implied = PROTOCOL_UNSUPPORTED.get(protocol, frozenset())
+    implied |= DIALECT_UNSUPPORTED.get(dialect or "", frozenset())
+    return implied | {Feature(f) for f in declared}
 
 
 def missing(wanted: Iterable[Feature], lacking: frozenset[Feature]) -> list[Feature]:

@@ -20,6 +20,7 @@ from worker.backends.base import (
     aiter_sse,
     count_of,
     dict_at,
+    text_of,
 )
 from worker.backends.errors import ErrorInfo, class_for_stream_error, error_info_of
 from worker.backends.openai_stream import StreamState
@@ -43,6 +44,8 @@ class OpenAIClient(BackendClient):
     ) -> dict[str, Any]:
         body = {k: v for k, v in request.items() if k not in MANAGED_KEYS}
         body["model"] = model or self.config.model
+        if self.config.dialect == "llama.cpp":
+            body = _for_llama_cpp(body)
         if stream:
             # Without include_usage a stream carries no token counts at all.
             body |= {"stream": True, "stream_options": {"include_usage": True}}
@@ -148,3 +151,26 @@ class OpenAIClient(BackendClient):
             return state.take(choice)
         except (TypeError, ValueError) as exc:
             self.malformed(f"a stream delta: {exc}")
+
+
+def _for_llama_cpp(body: dict[str, Any]) -> dict[str, Any]:
+    """llama-cpp-python's server takes a JSON schema as ``json_object`` with ``schema`` (it
+    refuses ``json_schema`` with a 500), an assistant message with tool calls only with text
+    content (null is a 500), and the text of content parts only as a string (its ChatML
+    drops parts) (tests/test_llama_wire.py)."""
+    fitted = dict(body)
+    output = body.get("response_format") or {}
+    if output.get("type") == "json_schema":
+        schema = (output.get("json_schema") or {}).get("schema") or {"type": "object"}
+        fitted["response_format"] = {"type": "json_object", "schema": schema}
+    fitted["messages"] = [_llama_message(m) for m in body.get("messages") or []]
+    return fitted
+
+
+def _llama_message(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        return {**message, "content": ""}
+    if isinstance(content, list) and all(p.get("type") == "text" for p in content):
+        return {**message, "content": text_of(content)}
+    return message

@@ -6,6 +6,11 @@ call has its name and free-text input under ``custom``) and are put together in 
 logprob entries are appended; fields a server adds to deltas (vLLM's
 ``reasoning_content``) are joined when they are text.
 
+Servers differ in how they cut a tool call: OpenAI and vLLM send the id, type and name once,
+llama.cpp repeats them (and the legacy ``function_call``) in every piece. The pieces passed
+on are OpenAI's: id, type and name on a call's first piece only, then its new text, so a
+client that joins pieces (the OpenAI SDK's stream helper) gets the call once.
+
 The delta passed on is the chunk's delta, with the chunk's logprobs (which OpenAI puts
 beside the delta, in the choice) under ``logprobs``: the API puts them back in the choice.
 """
@@ -49,33 +54,46 @@ class StreamState:
             self.content.append(delta["content"])
         if isinstance(delta.get("refusal"), str):
             self.refusal.append(delta["refusal"])
-        for piece in delta.get("tool_calls") or []:
-            self._take_tool_call(piece)
+        pieces = [p for p in map(self._take_tool_call, delta.get("tool_calls") or []) if p]
         for key, value in delta.items():
             if key not in (*CARRIED, "role") and isinstance(value, str):
                 self.extra[key] = self.extra.get(key, "") + value
-        passed = {k: v for k, v in delta.items() if k != "role" and v not in (None, "", [])}
+        passed = {
+            k: v
+            for k, v in delta.items()
+            if k not in ("role", "tool_calls", "function_call") and v not in (None, "", [])
+        }
+        if pieces:
+            passed["tool_calls"] = pieces
         if isinstance(choice.get("logprobs"), dict) and any(choice["logprobs"].values()):
             passed["logprobs"] = choice["logprobs"]
         return passed or None
 
-    def _take_tool_call(self, piece: Any) -> None:
+    def _take_tool_call(self, piece: Any) -> dict[str, Any] | None:
+        """Fold one piece of a tool call in; the piece to pass on, in OpenAI's shape."""
         if not isinstance(piece, dict) or not isinstance(piece.get("index", 0), int):
             raise TypeError("a tool call piece is not an object with an index")
         index = piece.get("index", len(self.tool_calls))
         call = self.tool_calls.get(index)
+        first = call is None
         if call is None:
             # A custom tool's call (free-text input) says so on its first piece.
             kind = "custom" if piece.get("type") == "custom" or "custom" in piece else "function"
             text = dict.fromkeys(TEXT_OF_CALL[kind], "")
             call = self.tool_calls[index] = {"id": "", "type": kind, kind: text}
-        if isinstance(piece.get("id"), str):
+        if isinstance(piece.get("id"), str) and piece["id"]:
             call["id"] = piece["id"]
-        kind = call["type"]
+        kind, name_key, text_key = call["type"], *TEXT_OF_CALL[call["type"]]
         body = piece.get(kind) or {}
-        for key in TEXT_OF_CALL[kind]:
-            if isinstance(body.get(key), str):
-                call[kind][key] += body[key]
+        name = body.get(name_key)
+        if isinstance(name, str) and name != call[kind][name_key]:
+            call[kind][name_key] += name  # a name in pieces; a repeated one is the same name
+        added = body.get(text_key) if isinstance(body.get(text_key), str) else ""
+        call[kind][text_key] += added
+        if first:
+            return {"index": index, "id": call["id"], "type": kind,
+                    kind: {name_key: call[kind][name_key], text_key: added}}  # fmt: skip
+        return {"index": index, kind: {text_key: added}} if added else None
 
     def answer(self, configured_model: str) -> ChatAnswer:
         usage = self.usage or {}
