@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+
 from worker.backends.base import (
     BackendClient,
     ChatAnswer,
@@ -22,7 +24,12 @@ from worker.backends.base import (
     dict_at,
     text_of,
 )
-from worker.backends.errors import ErrorInfo, class_for_stream_error, error_info_of
+from worker.backends.errors import (
+    BackendError,
+    ErrorInfo,
+    class_for_stream_error,
+    error_info_of,
+)
 from worker.backends.openai_stream import StreamState
 
 PATH = "/v1/chat/completions"
@@ -99,29 +106,40 @@ class OpenAIClient(BackendClient):
         limits = self.timeout_within(timeout)
         state = StreamState()
         body = self.body(request, stream=True, model=model)
-        with self.translate_errors(limits):
-            async with self.open_stream(PATH, body, limits) as response:
-                async for event in aiter_sse(response.aiter_lines()):
-                    if event.data.strip() == "[DONE]":
-                        break
-                    delta = self._take_chunk(event.data, state)
-                    if delta:
-                        on_delta(delta)
+        opened = False
+        try:
+            with self.translate_errors(limits):
+                async with self.open_stream(PATH, body, limits) as response:
+                    opened = True
+                    async for event in aiter_sse(response.aiter_lines()):
+                        if event.data.strip() == "[DONE]":
+                            break
+                        delta = self._take_chunk(event.data, state)
+                        if delta:
+                            on_delta(delta)
+        except BackendError:
+            if opened and not state.chunks:
+                await self._said_nothing(request, model, timeout)
+            raise
         if state.finish_reason is None:
-            await self._unfinished(request, model, timeout, state)
+            if not state.chunks:
+                await self._said_nothing(request, model, timeout)
+            self.malformed("the stream ended before the server finished the answer")
         return state.answer(self.config.model)
 
-    async def _unfinished(
-        self, request: dict[str, Any], model: str | None, timeout: float | None, state: StreamState
+    async def _said_nothing(
+        self, request: dict[str, Any], model: str | None, timeout: float | None
     ) -> None:
-        """A stream that ended without the server's finish is no answer. One that said
-        nothing at all is how llama.cpp streams a prompt longer than its context (200, then
-        [DONE]): the same request unstreamed, for one token, tells the truth (the
-        context-length error, or an answer: then the stream was cut short)."""
-        if not state.chunks:
-            limit = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
-            await self.chat({**request, limit: 1}, model=model, timeout=timeout)
-        self.malformed("the stream ended before the server finished the answer")
+        """A 200 stream that said nothing at all (and may have been dropped) is how
+        llama.cpp answers a prompt longer than its context. The same request unstreamed,
+        for one token, tells the truth: it raises the context-length error if that is what
+        it was; if it answers, the stream was only cut short (the caller says so)."""
+        limit = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
+        # On a connection of its own: llama.cpp drops the one that carried the empty stream
+        # after saying keep-alive, and the pool would hand that one out again.
+        async with httpx.AsyncClient() as http:
+            fresh = type(self)(self.config, http)
+            await fresh.chat({**request, limit: 1}, model=model, timeout=timeout)
 
     def _take_chunk(self, data: str, state: StreamState) -> Delta | None:
         """Fold one chunk into ``state``; return its delta, if it carries anything."""
