@@ -21,7 +21,6 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel
 
-from simulator.faults import FaultSettings
 from tests.deployment import Deployment, backend, deployment, tier
 from tests.llama_server import MODEL_NAME, LlamaServer, llama
 
@@ -424,10 +423,6 @@ def test_a_stream_with_include_usage_ends_with_the_usage(d: Deployment, client: 
     assert all(chunk.usage is None for chunk in plain)
 
 
-@pytest.mark.skipif(
-    "stream_usage" not in FaultSettings.model_fields,
-    reason="the simulator has no stream_usage knob yet",
-)
 def test_usage_a_stream_did_not_report_is_null(d: Deployment, client: OpenAI) -> None:
     d.fault(SIM, stream_usage=False)
     try:
