@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import make_url
 
-from api import problems
+from api import allow, docs_pages, problems
+from api.limits import RequestLimits
 from api.routes import (
     admin,
     conversations,
@@ -42,10 +43,25 @@ def create_app(config: TierqConfig | None = None) -> FastAPI:
         yield
         await waiters.stop()
 
-    app = FastAPI(title="tierq", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="tierq",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,  # docs_pages: pinned assets with integrity, none in production
+        redoc_url=None,
+        exception_handlers={405: allow.method_not_allowed},
+    )
+    docs_pages.install(app, settings.production)
     app.state.tier_config = tier_config
     app.state.waiters = waiters
     problems.install(app)
+    # Outside the routes and their exception handlers: a refused body is never parsed,
+    # and its key never looked up.
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+    )
     for module in (jobs, deliveries, events, conversations, health, admin, metrics, openai_compat):
         app.include_router(module.router)
     return app

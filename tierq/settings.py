@@ -5,10 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path("var")
+KIB = 1024
+MIB = 1024 * KIB
 
 
 class Settings(BaseSettings):
@@ -62,10 +64,62 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+
+    # Request limits (api/limits.py, api/schemas.py, `tierq api`): hostile input is refused
+    # before it costs memory, a database row or a key lookup. Defaults and why: README.
+    max_body_bytes: int = Field(
+        8 * MIB,
+        ge=1024,
+        description="A larger request body is refused (413) by Content-Length or while it "
+        "streams in, before it is parsed or its key is checked.",
+    )
+    max_job_bytes: int = Field(
+        8 * MIB,
+        ge=1024,
+        description="A job whose messages and parameters take more as stored (UTF-8 JSON) "
+        "is refused (422 naming body).",
+    )
+    max_messages: int = Field(1000, ge=1, description="Messages one request may carry.")
+    max_header_bytes: int = Field(
+        16 * KIB,
+        ge=1024,
+        description="Request line and headers together; more: uvicorn answers 400 and "
+        "closes the connection.",
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="Seconds a client has to send its whole body (else 408)."
+    )
+    api_keep_alive: int = Field(
+        75,
+        ge=1,
+        description="Idle seconds a client connection is kept between requests; above a "
+        "load balancer's idle timeout, so it never reuses a connection we just closed.",
+    )
     admin_key: str = Field("", description="Key with operator rights; empty disables admin.")
     crash_at: str = Field(
         "", description="Test hook: exit the process hard at the named crash point."
     )
+
+    # What the API shows, and to whom. Secrets are SecretStr: never in a repr or a log line.
+    production: bool = Field(False, description="Serve no /docs and no /redoc pages.")
+    metrics_key: SecretStr = Field(
+        SecretStr(""), description="When set, GET /metrics needs 'Authorization: Bearer <it>'."
+    )
+    secret: SecretStr = Field(
+        SecretStr(""),
+        description="Signs watch tokens; never stored beside the keys. Empty: generated once "
+        "into TIERQ_HOME/secret (mode 0600). Set it when API processes do not share one home.",
+    )
+    secret_previous: SecretStr = Field(
+        SecretStr(""), description="The secret before TIERQ_SECRET: accepted while rotating."
+    )
+
+    @field_validator("secret", "secret_previous")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     @property
     def effective_database_url(self) -> str:
