@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 
 from api.auth import Caller, current_caller
+from api.openapi_responses import keyed
 from api.problems import Problem
 from api.routes.jobs import IdempotencyKey, submit_response
 from api.schemas import (
@@ -55,7 +56,7 @@ def _load(session, caller: Caller, conversation_id: uuid.UUID) -> ConversationOu
     )
 
 
-@router.post("", status_code=201, response_model=ConversationOut)
+@router.post("", status_code=201, response_model=ConversationOut, responses=keyed(body=True))
 def create_conversation(
     body: ConversationCreate, caller: Annotated[Caller, Depends(current_caller)]
 ) -> ConversationOut:
@@ -71,7 +72,7 @@ def create_conversation(
         return _load(session, caller, conversation.id)
 
 
-@router.get("/{conversation_id}", response_model=ConversationOut)
+@router.get("/{conversation_id}", response_model=ConversationOut, responses=keyed(404, 422))
 def get_conversation(
     conversation_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]
 ) -> ConversationOut:
@@ -79,7 +80,12 @@ def get_conversation(
         return _load(session, caller, conversation_id)
 
 
-@router.post("/{conversation_id}/messages", status_code=202, response_model=JobOut)
+@router.post(
+    "/{conversation_id}/messages",
+    status_code=202,
+    response_model=JobOut,
+    responses=keyed(404, body=True),
+)
 def post_message(
     request: Request,
     conversation_id: uuid.UUID,

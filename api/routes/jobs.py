@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import or_, select
 
 from api.auth import Caller, current_caller
+from api.openapi_responses import keyed
 from api.problems import Problem
 from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
@@ -62,7 +63,7 @@ def submit_response(
     )
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses=keyed(404, body=True))
 def submit_job(
     request: Request,
     body: JobCreate,
@@ -105,7 +106,7 @@ async def wait_for_end(
                 await asyncio.wait_for(event.wait(), min(remaining, waiters.recheck_seconds))
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=keyed(404, 422))
 async def get_job(
     request: Request,
     job_id: uuid.UUID,
@@ -133,7 +134,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from exc
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=keyed(422))
 def list_jobs(
     caller: Annotated[Caller, Depends(current_caller)],
     status: Annotated[JobStatus | None, Query()] = None,
@@ -165,7 +166,7 @@ def list_jobs(
     )
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=keyed(404, 409, 422))
 def cancel_job(job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]) -> JobOut:
     """Cancel an active job. A running job's backend call is aborted within a second."""
     with session_scope() as session:

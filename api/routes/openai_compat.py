@@ -42,6 +42,7 @@ from sqlalchemy import select
 from api import disconnect
 from api.auth import Caller, current_caller
 from api.chat_request import StreamOptions
+from api.openapi_responses import errors, event_stream, keyed
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
@@ -284,7 +285,13 @@ async def _failure(job: Job, keyed: bool) -> Problem:
     return _problem(502, "Job failed", message, "job_failed", job=job, headers=headers)
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses={
+        200: event_stream("The answer: JSON, or with `stream: true` its chunks as they come."),
+        **keyed(404, 409, 500, 502, 504, body=True),
+    },
+)
 async def create_chat_completion(
     request: Request,
     body: ChatCompletionCreate,
@@ -345,7 +352,7 @@ def _model(name: str, owner: str, **extra: Any) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": STARTED, "owned_by": owner, **extra}
 
 
-@router.get("/models", dependencies=[Depends(current_caller)])
+@router.get("/models", dependencies=[Depends(current_caller)], responses=errors(401, 429))
 def list_models(request: Request) -> dict[str, Any]:
     """The routes: each model name a request may send (aliases too), with its chain of
     tiers. Without routes, any name is accepted: the alias ``tierq`` and the models the
