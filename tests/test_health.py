@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from tests.deployment import deployment
 from tests.services import wait_until
 from tests.simulator_fixture import running_simulator
+from tests.test_metrics import admin_key  # noqa: F401 (a fixture)
 from tierq.config import Protocol, TierqConfig, parse_config
 from tierq.db import session_scope
 from worker import circuit
@@ -58,32 +59,33 @@ def config_for(name: str, url: str, model: str) -> TierqConfig:
     )
 
 
-def shown(config: TierqConfig, api_key: str) -> dict[str, Any]:
+def shown(config: TierqConfig, key: str) -> dict[str, Any]:
     from api.app import create_app
 
-    with TestClient(create_app(config)) as client:
-        response = client.get("/health/backends", headers={"Authorization": f"Bearer {api_key}"})
+    with TestClient(create_app(config)) as client:  # the backends' details: admins only
+        response = client.get("/health/backends", headers={"Authorization": f"Bearer {key}"})
     (backend,) = response.json()["data"]
     return backend
 
 
 def test_backends_show_a_model_mismatch_until_the_model_is_served(
-    env: dict[str, str], api_key: str
+    env: dict[str, str],
+    admin_key: str,  # noqa: F811 (the fixture imported above)
 ) -> None:
     name = f"models-{uuid.uuid4().hex[:8]}"
     with running_simulator("llama-sim") as url:  # serves one model: "llama-sim"
         wrong = config_for(name, url, "llama3")
         with session_scope() as session:
             circuit.ensure_rows(session, wrong)
-        assert shown(wrong, api_key)["served_models"] is None  # not probed yet: unknown
+        assert shown(wrong, admin_key)["served_models"] is None  # not probed yet: unknown
         probe_and_save(wrong.backends[name])
-        backend = shown(wrong, api_key)
+        backend = shown(wrong, admin_key)
         assert backend["served_models"] == ["llama-sim"]
         assert backend["model_error"] == "serves [llama-sim], not 'llama3'"
         assert backend["health"] == "healthy"  # reported, not marked down
         fixed = config_for(name, url, "llama-sim")
         probe_and_save(fixed.backends[name])
-        backend = shown(fixed, api_key)
+        backend = shown(fixed, admin_key)
     assert (backend["served_models"], backend["model_error"]) == (["llama-sim"], None)
 
 

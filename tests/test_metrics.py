@@ -59,6 +59,15 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+@pytest.fixture
+def admin_key(env: dict[str, str]) -> str:
+    from tierq.db import session_scope
+    from tierq.keys import create_key
+
+    with session_scope() as session:
+        return create_key(session, "operator", is_admin=True).key
+
+
 # --- writing rows the way workers would -----------------------------------------------
 
 
@@ -145,6 +154,36 @@ def test_metrics_is_prometheus_text_without_a_key(client: TestClient) -> None:
         "tierq_webhook_delivery_attempts",
         "tierq_oldest_undelivered_webhook_age_seconds",
     } <= families
+
+
+def test_metrics_needs_the_metrics_key_once_one_is_set(
+    env: dict[str, str], api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.app import create_app
+    from tierq.settings import get_settings
+
+    metrics_key = f"mk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("TIERQ_METRICS_KEY", metrics_key)
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as client:
+            for headers in (
+                {},
+                auth(api_key),
+                auth(metrics_key + "x"),
+                {"Authorization": metrics_key},
+            ):
+                refused = client.get("/metrics", headers=headers)
+                assert refused.status_code == 401, headers
+                assert refused.headers["content-type"] == "application/problem+json"
+                assert refused.headers["www-authenticate"] == "Bearer"
+                assert "tierq_" not in refused.text
+            scraped = client.get("/metrics", headers=auth(metrics_key))
+        assert scraped.status_code == 200
+        assert "tierq_jobs" in {f.name for f in text_string_to_metric_families(scraped.text)}
+    finally:
+        monkeypatch.delenv("TIERQ_METRICS_KEY")
+        get_settings.cache_clear()
 
 
 def test_job_counts_move_as_jobs_change_state(client: TestClient) -> None:
@@ -421,13 +460,14 @@ def test_backends_need_a_key(client: TestClient) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
-def test_backends_lists_the_configured_backends_without_secrets(
-    client: TestClient, api_key: str, monkeypatch: pytest.MonkeyPatch
+def test_backends_lists_the_configured_backends_without_secrets_to_admins(
+    client: TestClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     secret = f"sk-ant-{uuid.uuid4().hex}"
     monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
-    response = client.get("/health/backends", headers=auth(api_key))
+    response = client.get("/health/backends", headers=auth(admin_key))
     assert response.status_code == 200
+    assert [t["tier"] for t in response.json()["tiers"]] == ["gpu", "cpu", "hosted"]
     data = response.json()["data"]
     assert [(b["name"], b["tier"], b["protocol"]) for b in data] == [
         ("gpu-vllm", "gpu", "openai"),
@@ -451,7 +491,7 @@ def test_backends_lists_the_configured_backends_without_secrets(
     assert secret not in response.text and "api_key" not in response.text
 
 
-def test_backends_show_the_shared_state_row(env: dict[str, str], api_key: str) -> None:
+def test_backends_show_the_shared_state_row(env: dict[str, str], admin_key: str) -> None:
     from api.app import create_app
     from tierq.config import parse_config
     from tierq.db import db_now
@@ -475,12 +515,60 @@ def test_backends_show_the_shared_state_row(env: dict[str, str], api_key: str) -
         )
     )
     with TestClient(create_app(config)) as client:
-        (backend,) = client.get("/health/backends", headers=auth(api_key)).json()["data"]
+        (backend,) = client.get("/health/backends", headers=auth(admin_key)).json()["data"]
     assert backend["name"] == name and backend["url"] == "http://127.0.0.1:1"
     shown = {k: backend[k] for k in ("health", "circuit", "disabled", "last_error")}
     assert shown == dict(health="degraded", circuit="open", disabled=True, last_error="slow")
     assert backend["last_latency_ms"] == 2500.0
     assert backend["last_probe_at"] is not None
+
+
+def test_other_keys_see_only_whether_each_tier_is_live(env: dict[str, str], api_key: str) -> None:
+    """No URL, error, model or breaker for a key that is not an admin's: live, degraded or
+    down per tier, from the same rows."""
+    from api.app import create_app
+    from tierq.config import parse_config
+    from tierq.models import Backend
+
+    tag = uuid.uuid4().hex[:8]
+    backends = {"a1": "a", "a2": "a", "b1": "b", "c1": "c", "d1": "d", "d2": "d"}
+    config = parse_config(
+        "tiers:\n"
+        + "".join(
+            f"  - name: {tier}-{tag}\n    backends:\n"
+            + "".join(
+                f"      - name: {name}-{tag}\n        protocol: openai\n"
+                f"        url: http://10.9.8.7:1\n        model: secret-model\n"
+                for name, of in backends.items()
+                if of == tier
+            )
+            for tier in "abcd"
+        )
+    )
+    rows = {  # c1 has no row yet (no worker touched it): given the benefit of the doubt
+        "a1": dict(health="healthy", circuit="closed"),
+        "a2": dict(health="healthy", circuit="open", last_error="boom at 10.9.8.7"),
+        "b1": dict(health="down", circuit="closed"),
+        "d1": dict(health="degraded", circuit="closed"),
+        "d2": dict(health="healthy", circuit="closed", disabled=True),
+    }
+    add_rows(
+        *(Backend(name=f"{n}-{tag}", tier=f"{backends[n]}-{tag}", **r) for n, r in rows.items())
+    )
+    with TestClient(create_app(config)) as client:
+        response = client.get("/health/backends", headers=auth(api_key))
+    assert response.status_code == 200
+    assert response.json() == {
+        "object": "list",
+        "tiers": [
+            {"tier": f"a-{tag}", "status": "degraded"},
+            {"tier": f"b-{tag}", "status": "down"},
+            {"tier": f"c-{tag}", "status": "live"},
+            {"tier": f"d-{tag}", "status": "degraded"},
+        ],
+    }
+    for hidden in ("10.9.8.7", "secret-model", "a1-", "boom", "open"):
+        assert hidden not in response.text
 
 
 # --- end to end: real workers move the counters ----------------------------------------

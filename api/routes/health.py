@@ -3,14 +3,16 @@ and the state of every configured backend."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import select, text
 
 from api.auth import Caller, current_caller
+from api.openapi_responses import keyed
 from tierq.broker import get_celery
 from tierq.config import BackendConfig
 from tierq.db import get_engine, session_scope
@@ -42,7 +44,10 @@ def _check_broker() -> str:
     return "ok"
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={503: {"description": "A check failed: the body names it (same shape as 200)."}},
+)
 async def ready(request: Request) -> JSONResponse:
     checks = {
         "database": await run_in_threadpool(_check_database),
@@ -55,6 +60,24 @@ async def ready(request: Request) -> JSONResponse:
         "config_version": request.app.state.tier_config.version,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+TierState = Literal["live", "degraded", "down"]
+
+
+class TierStatus(BaseModel):
+    tier: str
+    status: TierState = Field(
+        description="live: every backend can take calls; degraded: some can; down: none can."
+    )
+
+
+class BackendsOut(BaseModel):
+    object: Literal["list"] = "list"
+    tiers: list[TierStatus]
+    data: list[dict[str, Any]] | None = Field(
+        None, description="Admin keys only: each backend, its URL, errors and breaker."
+    )
 
 
 def _backend_view(tier: str, backend: BackendConfig, row: Backend | None) -> dict[str, Any]:
@@ -78,9 +101,31 @@ def _backend_view(tier: str, backend: BackendConfig, row: Backend | None) -> dic
     }
 
 
-@router.get("/backends")
-def backends(request: Request, _: Annotated[Caller, Depends(current_caller)]) -> dict[str, Any]:
-    """Every configured backend, in tier order, with its shared state from the database."""
+def _usable(row: Backend | None) -> tuple[bool, bool]:
+    """Whether a backend takes calls at all, and whether it does so at full strength."""
+    if row is None:  # no worker has touched it: the row's defaults, unknown and closed
+        return True, True
+    takes = not row.disabled and Health(row.health).up and row.circuit != Circuit.OPEN
+    full = takes and row.health != Health.DEGRADED and row.circuit == Circuit.CLOSED
+    return takes, full
+
+
+def _tier_status(rows: list[Backend | None]) -> TierState:
+    usable = [_usable(row) for row in rows]
+    if not any(takes for takes, _ in usable):
+        return "down"
+    return "live" if all(full for _, full in usable) else "degraded"
+
+
+@router.get(
+    "/backends",
+    response_model=BackendsOut,
+    response_model_exclude_unset=True,
+    responses=keyed(),
+)
+def backends(request: Request, caller: Annotated[Caller, Depends(current_caller)]) -> BackendsOut:
+    """Each tier: live, degraded or down. Admin keys also see every backend, in tier order,
+    with its shared state from the database; other keys see no URL, error or model name."""
     config = request.app.state.tier_config
     with session_scope() as session:
         rows = {
@@ -89,9 +134,16 @@ def backends(request: Request, _: Annotated[Caller, Depends(current_caller)]) ->
                 select(Backend).where(Backend.name.in_(list(config.backends)))
             )
         }
+    tiers = [
+        TierStatus(tier=tier.name, status=_tier_status([rows.get(b.name) for b in tier.backends]))
+        for tier in config.tiers
+    ]
+    # Set explicitly: the response leaves out what was not set (data, for other keys).
+    if not caller.is_admin:
+        return BackendsOut(object="list", tiers=tiers)
     data = [
         _backend_view(tier.name, backend, rows.get(backend.name))
         for tier in config.tiers
         for backend in tier.backends
     ]
-    return {"object": "list", "data": data}
+    return BackendsOut(object="list", tiers=tiers, data=data)
