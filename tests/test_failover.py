@@ -488,7 +488,7 @@ def test_disabled_backend_receives_no_call_not_even_a_probe(tmp_path: Path) -> N
         d.stack.worker("cpu")
         jobs = run_jobs(d, 5)
         assert all(j["served_by"]["backend"] == "cpu-sim" for j in jobs)
-        probes = "GET /api/version"
+        probes = "GET /api/tags"  # Ollama's model list: the liveness probe
         wait_until(lambda: sim(d, "cpu-sim").received(probes) >= 3, 10, 0.2, what="cpu probes")
         assert d.calls("gpu-sim") == 0, sim(d, "gpu-sim").stats()
         set_disabled(d, headers, "gpu-sim", False)

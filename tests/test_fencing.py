@@ -228,7 +228,7 @@ def _rows() -> tuple[int, int, int]:
         ({"messages": BODY["messages"]}, 422),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, 422),
         ({**BODY, "priority": 1000}, 422),
-        ({**BODY, "bogus": 1}, 422),
+        ({**BODY, "tools": [{"type": "nope"}]}, 422),
         ({**BODY, "conversation_id": str(uuid.uuid4())}, 404),
     ],
 )
