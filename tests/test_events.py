@@ -3,10 +3,15 @@ sees every event exactly once."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -170,11 +175,11 @@ def test_a_watch_token_lets_a_browser_follow_one_job_for_a_while(
     from fastapi.testclient import TestClient
     from sqlalchemy import update
 
+    from api import watch_tokens
     from api.app import create_app
-    from api.routes.events import WATCH_TOKEN_SECONDS, sign_watch_token
+    from api.routes.events import WATCH_TOKEN_SECONDS
     from tests.test_api import BODY, auth, end_job
     from tierq.db import db_now, session_scope
-    from tierq.keys import hash_key
     from tierq.models import ApiKey
 
     with TestClient(create_app()) as client:
@@ -208,11 +213,119 @@ def test_a_watch_token_lets_a_browser_follow_one_job_for_a_while(
         )
 
         owner = uuid.UUID(token.split(".")[1])
-        expired = sign_watch_token(
-            hash_key(api_key), uuid.UUID(job_id), owner, int(time.time()) - 1
-        )
+        expired = watch_tokens.sign(uuid.UUID(job_id), owner, int(time.time()) - 1)
         assert "expired" in refused(f"/v1/jobs/{job_id}/events?token={expired}")["detail"]
+
+        # Whoever reads the database has the key's hash: it signs nothing (it did, in wt1).
+        with session_scope() as session:
+            key_hash = session.get(ApiKey, owner).key_hash  # type: ignore[union-attr]
+        expires = int(time.time()) + 60
+        for version, message in (
+            ("wt1", f"wt1:{job_id}:{owner}:{expires}"),  # the old scheme, exactly
+            ("wt2", f"wt2\n{job_id}\n{owner}\n{expires}"),  # today's, keyed with the hash
+        ):
+            digest = hmac.new(key_hash.encode(), message.encode(), hashlib.sha256).digest()
+            signature = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+            refused(f"/v1/jobs/{job_id}/events?token={version}.{owner.hex}.{expires}.{signature}")
 
         with session_scope() as session:  # revoking the key voids its tokens
             session.execute(update(ApiKey).where(ApiKey.id == owner).values(revoked_at=db_now()))
         refused(grant["url"])
+
+
+def test_a_watch_token_is_accepted_only_in_the_form_it_was_issued(
+    env: dict[str, str], api_key: str
+) -> None:
+    """Other spellings of the same key id, expiry or signature are refused, not parsed into
+    the same values: a token is a string to compare, not a format to be lenient with."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.test_api import BODY, auth, end_job
+
+    with TestClient(create_app()) as client:
+        job_id = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"]
+        end_job(job_id, backend="b")  # so a stream that is let in ends
+        token = client.post(f"/v1/jobs/{job_id}/watch-token", headers=auth(api_key)).json()["token"]
+        version, owner, expires, signature = token.split(".")
+        # The signature's last character carries 2 unused bits: the next one in the
+        # alphabet decodes to the same bytes.
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        twin = signature[:-1] + alphabet[alphabet.index(signature[-1]) + 1]
+        variants = {
+            "padded": token + "=",
+            "upper-case key id": f"{version}.{owner.upper()}.{expires}.{signature}",
+            "hyphenated key id": f"{version}.{uuid.UUID(owner)}.{expires}.{signature}",
+            "signed expiry": f"{version}.{owner}.+{expires}.{signature}",
+            "zero-padded expiry": f"{version}.{owner}.0{expires}.{signature}",
+            "underscored expiry": f"{version}.{owner}.{expires[:4]}_{expires[4:]}.{signature}",
+            "other digits": f"{version}.{owner}."
+            + expires.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+            + f".{signature}",
+            "same bytes, other base64": f"{version}.{owner}.{expires}.{twin}",
+            "upper-case version": token.upper()[:3] + token[3:],
+            "a trailing part": token + ".x",
+            "spaces": f" {token} ",
+        }
+        for name, variant in variants.items():
+            response = client.get(f"/v1/jobs/{job_id}/events", params={"token": variant})
+            assert response.status_code == 401, (name, variant, response.text)
+        assert client.get(f"/v1/jobs/{job_id}/events", params={"token": token}).status_code == 200
+
+
+@contextlib.contextmanager
+def settings_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> Iterator[None]:
+    """TIERQ_* variables for the block; the settings cache forgets them afterwards."""
+    from tierq.settings import get_settings
+
+    with monkeypatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(f"TIERQ_{name.upper()}", value)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            get_settings.cache_clear()
+    get_settings.cache_clear()
+
+
+def test_watch_tokens_outlive_a_secret_rotation_only_while_the_previous_one_is_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from api import watch_tokens
+
+    job, key = uuid.uuid4(), uuid.uuid4()
+    old, new = "o" * 40, "n" * 40
+    with settings_env(monkeypatch, home=str(tmp_path), secret=old):
+        token = watch_tokens.sign(job, key, 2_000_000_000)
+        assert watch_tokens.verify(token, job) == watch_tokens.Grant(key, 2_000_000_000)
+        assert watch_tokens.verify(token, uuid.uuid4()) is None  # another job's
+    with settings_env(monkeypatch, home=str(tmp_path), secret=new, secret_previous=old):
+        assert watch_tokens.verify(token, job) == watch_tokens.Grant(key, 2_000_000_000)
+        fresh = watch_tokens.sign(job, key, 2_000_000_000)
+        assert fresh != token  # signed with the new one
+    with settings_env(monkeypatch, home=str(tmp_path), secret=new):
+        assert watch_tokens.verify(token, job) is None  # rotation done: the old one is void
+        assert watch_tokens.verify(fresh, job) is not None
+    assert not (tmp_path / "secret").exists()  # a secret that is set is not written anywhere
+
+
+def test_the_zero_install_secret_is_made_once_and_readable_by_the_owner_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from api import watch_tokens
+
+    job, key = uuid.uuid4(), uuid.uuid4()
+    home = tmp_path / "home"
+    with settings_env(monkeypatch, home=str(home), secret=""):
+        token = watch_tokens.sign(job, key, 2_000_000_000)
+        secret_file = home / "secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        made = secret_file.read_text()
+    watch_tokens._secrets.cache_clear()  # as a new process would: read from the file
+    with settings_env(monkeypatch, home=str(home)):
+        assert watch_tokens.verify(token, job) is not None
+        assert secret_file.read_text() == made
+        assert list(home.iterdir()) == [secret_file]  # no temporary file left behind
+    with settings_env(monkeypatch, home=str(tmp_path / "elsewhere")):
+        assert watch_tokens.verify(token, job) is None  # another home, another secret

@@ -6,19 +6,15 @@ after the job's final event. Wake-ups come from the same notifications as long-p
 
 A browser's EventSource cannot send an Authorization header, so a key holder may ask for
 a watch token (``POST /v1/jobs/{id}/watch-token``): valid for that one job's events, for a
-few minutes, as ``?token=`` on this endpoint only. It is an HMAC over the job, the key and
-the expiry, keyed with the key's stored hash (never given out, the same in every API
-process), so nothing is stored, and revoking the key voids its tokens. The expiry is
-checked when a stream starts; a stream that started keeps going.
+few minutes, as ``?token=`` on this endpoint only. It is signed with the server's secret
+(``api.watch_tokens``), so nothing is stored; it names its key, and a revoked key's tokens
+are refused. The expiry is checked when a stream starts; a stream that started keeps going.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -32,7 +28,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from api import watch_tokens
 from api.auth import Caller, current_caller
+from api.openapi_responses import event_stream, keyed
 from api.problems import Problem
 from api.routes.jobs import load_job
 from tierq.db import session_scope
@@ -40,8 +38,14 @@ from tierq.models import ApiKey, Job, JobEvent, JobStatus
 
 router = APIRouter(tags=["jobs"])
 KEEPALIVE_SECONDS = 15.0
+# An id this API sent: digits, within the range of the ids' column (a longer number would
+# be a database error, not a 422).
+LastEventId = Header(
+    alias="Last-Event-ID",
+    pattern=r"^[0-9]{1,18}$",
+    description="Resume after this event: the id of the last event received.",
+)
 WATCH_TOKEN_SECONDS = 300
-WATCH_TOKEN_VERSION = "wt1"
 
 
 def _frame(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -67,23 +71,6 @@ def _since(job_id: uuid.UUID, after: int) -> tuple[list[JobEvent], str]:
             )
         )
     return events, status or ""
-
-
-def _parse_last_id(value: str | None) -> int:
-    if value is None:
-        return -1
-    try:
-        parsed = int(value)
-    except ValueError:
-        parsed = -2
-    if parsed < 0:
-        raise Problem(
-            422,
-            "Invalid request",
-            "Last-Event-ID: not an id this API sent",
-            errors=[{"field": "Last-Event-ID", "message": "must be an event id"}],
-        )
-    return parsed
 
 
 async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes]:
@@ -119,24 +106,12 @@ class WatchToken(BaseModel):
     url: str  # the events URL with the token, for EventSource
 
 
-def _signature(key_hash: str, job_id: uuid.UUID, owner: uuid.UUID, expires: int) -> str:
-    message = f"{WATCH_TOKEN_VERSION}:{job_id}:{owner}:{expires}".encode()
-    digest = hmac.new(key_hash.encode(), message, hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
-def sign_watch_token(key_hash: str, job_id: uuid.UUID, owner: uuid.UUID, expires: int) -> str:
-    signature = _signature(key_hash, job_id, owner, expires)
-    return f"{WATCH_TOKEN_VERSION}.{owner.hex}.{expires}.{signature}"
-
-
-def _key_hash(owner: uuid.UUID) -> str | None:
-    """The signing key: the owner's stored key hash, if the key exists and is not revoked."""
+def _key_is_live(key_id: uuid.UUID) -> bool:
     with session_scope() as session:
-        row = session.execute(
-            select(ApiKey.key_hash).where(ApiKey.id == owner, ApiKey.revoked_at.is_(None))
-        ).one_or_none()
-    return row[0] if row else None
+        found = session.scalar(
+            select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        )
+    return found is not None
 
 
 def _invalid_token(reason: str) -> Problem:
@@ -149,18 +124,12 @@ def _invalid_token(reason: str) -> Problem:
 
 
 def _token_caller(token: str, job_id: uuid.UUID) -> Caller:
-    try:
-        version, owner_hex, expires_text, signature = token.split(".")
-        owner, expires = uuid.UUID(hex=owner_hex), int(expires_text)
-    except ValueError:
-        raise _invalid_token("not a watch token") from None
-    key_hash = _key_hash(owner) if version == WATCH_TOKEN_VERSION else None
-    expected = _signature(key_hash, job_id, owner, expires) if key_hash else ""
-    if not hmac.compare_digest(signature.encode(), expected.encode()):
+    grant = watch_tokens.verify(token, job_id)
+    if grant is None or not _key_is_live(grant.key_id):
         raise _invalid_token("not valid for this job")
-    if expires <= time.time():
+    if grant.expires <= time.time():
         raise _invalid_token("expired")
-    return Caller(owner, is_admin=False)
+    return Caller(grant.key_id, is_admin=False)
 
 
 async def events_caller(
@@ -177,11 +146,10 @@ async def events_caller(
 
 def _new_watch_token(caller: Caller, job_id: uuid.UUID) -> WatchToken:
     load_job(caller, job_id)  # 404 unless the job is this key's
-    key_hash = _key_hash(caller.key_id)
-    if key_hash is None:  # revoked since it was cached
+    if not _key_is_live(caller.key_id):  # revoked since it was cached
         raise Problem(401, "Unauthorized", "The API key is not valid.")
     expires = int(time.time()) + WATCH_TOKEN_SECONDS
-    token = sign_watch_token(key_hash, job_id, caller.key_id, expires)
+    token = watch_tokens.sign(job_id, caller.key_id, expires)
     return WatchToken(
         token=token,
         expires_at=datetime.fromtimestamp(expires, UTC),
@@ -189,7 +157,12 @@ def _new_watch_token(caller: Caller, job_id: uuid.UUID) -> WatchToken:
     )
 
 
-@router.post("/v1/jobs/{job_id}/watch-token", status_code=201, response_model=WatchToken)
+@router.post(
+    "/v1/jobs/{job_id}/watch-token",
+    status_code=201,
+    response_model=WatchToken,
+    responses=keyed(404, 422),
+)
 def create_watch_token(
     job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]
 ) -> WatchToken:
@@ -198,14 +171,18 @@ def create_watch_token(
     return _new_watch_token(caller, job_id)
 
 
-@router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: event_stream("The job's events, to its final one."), **keyed(404, 422)},
+)
 async def job_events(
     request: Request,
     job_id: uuid.UUID,
     caller: Annotated[Caller, Depends(events_caller)],
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, LastEventId] = None,
 ) -> StreamingResponse:
-    after = _parse_last_id(last_event_id)
+    after = -1 if last_event_id is None else int(last_event_id)
     job = await run_in_threadpool(load_job, caller, job_id)
     return StreamingResponse(
         _stream(request, job, after),
