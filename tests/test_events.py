@@ -329,3 +329,25 @@ def test_the_zero_install_secret_is_made_once_and_readable_by_the_owner_only(
         assert list(home.iterdir()) == [secret_file]  # no temporary file left behind
     with settings_env(monkeypatch, home=str(tmp_path / "elsewhere")):
         assert watch_tokens.verify(token, job) is None  # another home, another secret
+
+
+def test_a_last_event_id_is_digits_within_the_range_of_ids(
+    env: dict[str, str], api_key: str
+) -> None:
+    """Was parsed by int(): a 25-digit id reached the query (SQLite: OverflowError in the
+    middle of the 200 stream), and '+5' or ' 5' were taken for 5."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.test_api import BODY, auth, end_job
+
+    with TestClient(create_app()) as client:
+        job_id = client.post("/v1/jobs", json=BODY, headers=auth(api_key)).json()["id"]
+        end_job(job_id, backend="b")
+        url = f"/v1/jobs/{job_id}/events"
+        for bad in ("9" * 25, "+5", "-1", "5_0", "x"):
+            response = client.get(url, headers={**auth(api_key), "Last-Event-ID": bad})
+            assert response.status_code == 422, (bad, response.text)
+            assert response.json()["errors"][0]["field"] == "Last-Event-ID"
+        resumed = client.get(url, headers={**auth(api_key), "Last-Event-ID": "0"})
+        assert resumed.status_code == 200 and "event: answered" in resumed.text
