@@ -95,7 +95,19 @@ def _reserve_turns(
     return conversation_id, end - count
 
 
-def route_of(body: JobCreate, config: TierqConfig) -> tuple[routes.Chain, str]:
+@dataclass(frozen=True)
+class Request:
+    """A job request's chat parts, dumped once: what is stored and what routing reads."""
+
+    params: dict[str, Any]  # what the backend is sent besides the messages
+    messages: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, body: JobCreate) -> Request:
+        return cls(body.params(), body.message_dicts())
+
+
+def route_of(body: JobCreate, request: Request, config: TierqConfig) -> tuple[routes.Chain, str]:
     """The request's route and the tier its job starts on; a Problem if there is none: an
     unknown model (404, OpenAI's ``model_not_found``), or a request that needs what no
     backend of the route can do (400 naming the field)."""
@@ -109,7 +121,7 @@ def route_of(body: JobCreate, config: TierqConfig) -> tuple[routes.Chain, str]:
             error={"message": message, "type": "invalid_request_error", "param": "model",
                    "code": "model_not_found"},
         ) from None  # fmt: skip
-    first = chain.first_tier(needs({**body.params(), "messages": body.message_dicts()}))
+    first = chain.first_tier(needs({**request.params, "messages": request.messages}))
     if isinstance(first, routes.Unservable):
         message = f"{first.field}: {first} (model '{body.model}')"
         raise Problem(
@@ -144,7 +156,8 @@ def _insert(
     config: TierqConfig,
     stream: bool = False,
 ) -> tuple[JobRow, bool]:
-    chain, tier = route_of(body, config)
+    request = Request.of(body)
+    chain, tier = route_of(body, request, config)
     conversation_id, first = _reserve_turns(
         conn, owner, body.conversation_id, len(body.messages) + 1
     )
@@ -152,7 +165,7 @@ def _insert(
         _INSERT_TURNS,
         [
             _turn_row(conversation_id, first + offset, message)
-            for offset, message in enumerate(body.message_dicts())
+            for offset, message in enumerate(request.messages)
         ],
     )
     answer_seq = first + len(body.messages)
@@ -171,7 +184,7 @@ def _insert(
         "deadline": body.deadline,
         # A streamed job's worker sends its tokens out as they come; the flag is not part
         # of the request hash, so the same chat streamed or not is the same job.
-        "request": {**body.params(), **({"stream": True} if stream else {})},
+        "request": {**request.params, **({"stream": True} if stream else {})},
         "idempotency_key": key,
         "request_hash": digest,
         "on_exhausted": body.on_exhausted,
