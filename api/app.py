@@ -60,6 +60,7 @@ def create_app(config: TierqConfig | None = None) -> FastAPI:
     app.add_middleware(
         RequestLimits,
         max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
         body_timeout=settings.body_timeout,
     )
     for module in (jobs, deliveries, events, conversations, health, admin, metrics, openai_compat):

@@ -82,7 +82,31 @@ async def _on_problem(_request: Request, exc: Problem) -> JSONResponse:
     return problem_response(exc.status, exc.title, exc.detail, exc.headers, **exc.extra)
 
 
+def _malformed_json(message: str) -> JSONResponse:
+    # A 400, not a 422: there is no field to name until the body parses (FastAPI's own
+    # error names the character offset, "body.62", as if it were one).
+    errors = [{"field": "body", "message": f"not valid JSON: {message}"}]
+    return problem_response(
+        400, "Malformed JSON", f"body: not valid JSON: {message}", errors=errors
+    )
+
+
+def _json_error(error: Any, document: Any) -> str:
+    """json's message with its line and column (FastAPI passes on only the offset)."""
+    message = str(error.get("ctx", {}).get("error", "JSON decode error"))
+    offset = error["loc"][-1] if isinstance(error["loc"][-1], int) else None
+    if offset is None or not isinstance(document, str | bytes):
+        return message
+    text = document if isinstance(document, str) else document.decode("utf-8", "replace")
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return f"{message} (line {line}, column {column})"
+
+
 async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    broken = next((e for e in exc.errors() if e["type"] == "json_invalid"), None)
+    if broken is not None:
+        return _malformed_json(_json_error(broken, exc.body))
     errors = [
         {"field": _field(_location(e)), "message": e["msg"].removeprefix("Value error, ")}
         for e in exc.errors()
@@ -91,7 +115,15 @@ async def _on_validation(_request: Request, exc: RequestValidationError) -> JSON
     return problem_response(422, "Invalid request", detail, errors=errors)
 
 
+# FastAPI's 400 for a body json cannot even decode (not UTF-8, a number over Python's
+# 4300-digit limit): json raised a ValueError that is not a JSONDecodeError.
+FASTAPI_UNPARSABLE = "There was an error parsing the body"
+
+
 async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSABLE:
+        cause = exc.__cause__  # json's own words about the client's bytes, nothing else
+        return _malformed_json(str(cause) if isinstance(cause, ValueError) else "unreadable")
     return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 

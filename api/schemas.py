@@ -6,11 +6,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.chat_request import ANSWERABLE_LAST, ChatParams, Message, Text
+from api.limits import arrived_at
 from tierq.messages import as_message
 from tierq.models import Job, Turn
+from tierq.settings import get_settings
 from tierq.webhook_urls import WebhookURL
 
 
@@ -29,9 +31,14 @@ class TierqOptions(BaseModel):
         # In UTC, as every stored time: SQLite keeps a datetime's wall time and drops its
         # offset, so 12:00+02:00 would be read back as 12:00 UTC, two hours late.
         try:
-            return value.astimezone(UTC)
+            value = value.astimezone(UTC)
         except OverflowError:
             raise ValueError("is out of range") from None
+        # Judged against the request's arrival, not the clock: the chat route validates
+        # the request twice, with a DNS lookup in between.
+        if value <= arrived_at():
+            raise ValueError("is in the past")
+        return value
 
 
 # tierq's own fields of a job request: everything else is the chat request a backend gets.
@@ -42,7 +49,7 @@ TIERQ_FIELDS = frozenset(
 
 
 class JobCreate(ChatParams, TierqOptions):
-    messages: list[Message] = Field(min_length=1, max_length=1000)
+    messages: list[Message] = Field(min_length=1)  # at most TIERQ_MAX_MESSAGES
     conversation_id: uuid.UUID | None = None
     stream: Literal[False] | None = Field(None, description="Use /v1/chat/completions to stream.")
     webhook_url: WebhookURL | None = Field(
@@ -50,6 +57,27 @@ class JobCreate(ChatParams, TierqOptions):
         description="Receives the job, signed (Standard Webhooks), when it ends or is parked; "
         "default: the API key's. Must be a public http(s) address.",
     )
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _not_too_many(cls, value: Any) -> Any:
+        # Before the messages are validated one by one: a long list is refused for its length.
+        limit = get_settings().max_messages
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"at most {limit} messages (TIERQ_MAX_MESSAGES); got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _storable_size(self) -> JobCreate:
+        # What the database keeps of the job: its messages (as turns) and its parameters,
+        # as UTF-8 JSON. The body limit counts bytes on the wire; this counts the job.
+        limit = get_settings().max_job_bytes
+        size = len(self.model_dump_json(exclude_none=True).encode())
+        if size > limit:
+            raise ValueError(
+                f"the job takes {size} bytes as stored; at most {limit} (TIERQ_MAX_JOB_BYTES)"
+            )
+        return self
 
     @field_validator("messages")
     @classmethod

@@ -34,12 +34,11 @@ def main() -> None:
 @click.option(
     "--keep-alive",
     type=int,
-    default=75,
-    show_default=True,
-    help="Idle seconds a client connection is kept; above a load balancer's idle "
-    "timeout, so it never reuses a connection we just closed.",
+    default=None,
+    help="Idle seconds a client connection is kept (default TIERQ_API_KEEP_ALIVE, 75); "
+    "above a load balancer's idle timeout, so it never reuses a connection we just closed.",
 )
-def api(host: str | None, port: int | None, workers: int, keep_alive: int) -> None:
+def api(host: str | None, port: int | None, workers: int, keep_alive: int | None) -> None:
     """Serve the HTTP API (uvicorn)."""
     import uvicorn
 
@@ -49,7 +48,11 @@ def api(host: str | None, port: int | None, workers: int, keep_alive: int) -> No
         host=host or settings.api_host,
         port=port or settings.api_port,
         workers=workers,
-        timeout_keep_alive=keep_alive,
+        timeout_keep_alive=keep_alive or settings.api_keep_alive,
+        # h11, not httptools: only h11 bounds the request line and headers (httptools
+        # buffers a header of any size); over the bound uvicorn answers 400 and closes.
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         log_level="warning",
         access_log=False,
     )

@@ -150,6 +150,9 @@ def test_idempotency_key(client: TestClient, api_key: str, env: dict) -> None:
             "messages.0.content",
         ),
         ({**BODY, "stop": ["ok", "\u0000"]}, "stop.1"),
+        ({**BODY, "deadline": "2020-01-01T00:00:00Z"}, "deadline"),  # in the past
+        ({**BODY, "deadline": "2020-01-01T02:00:00+02:00"}, "deadline"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}] * 1001}, "messages"),
     ],
 )
 def test_bad_input_is_a_problem_naming_the_field_and_writes_nothing(
@@ -173,8 +176,12 @@ def test_malformed_json_is_a_problem(client: TestClient, api_key: str) -> None:
         content=b"{not json",
         headers={**auth(api_key), "Content-Type": "application/json"},
     )
-    assert response.status_code == 422
+    assert response.status_code == 400  # no field to name: the body is not JSON at all
     assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"] == [
+        {"field": "body", "message": "not valid JSON: Expecting property name enclosed in "
+         "double quotes (line 1, column 2)"}
+    ]  # fmt: skip
 
 
 def test_conversation_messages_keep_order_while_a_job_is_pending(

@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         16 * KIB,
         ge=1024,
-        description="Request line and headers together; more: uvicorn answers 400 and "
-        "closes the connection.",
+        description="Request line and headers together; more is refused (431). uvicorn "
+        "(h11) stops buffering headers past it too (400).",
     )
     body_timeout: float = Field(
         60.0, gt=0, description="Seconds a client has to send its whole body (else 408)."

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import AfterValidator
 from sqlalchemy import or_, select
 
 from api.auth import Caller, current_caller
@@ -26,7 +27,24 @@ from tierq.models import TERMINAL_STATUSES, Job, JobStatus
 from tierq.webhook_urls import UnsafeWebhookURL, check_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def _usable_key(value: str | None) -> str | None:
+    # An empty key was stored as '' and the next one then hit the unique index (a 500:
+    # submit's lookup skips a falsy key); a control character cannot be stored (Postgres
+    # refuses NUL) or sent back in a header.
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=255),
+    AfterValidator(_usable_key),
+]
 
 
 def check_webhook_target(body: JobCreate) -> None:
