@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Depends
+from fastapi.security import HTTPBearer
+
 from api.problems import PROBLEM_JSON
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -33,13 +36,16 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 
 _WHEN = {
     400: "The body is not JSON, or asks for something no backend of its route can do.",
+    408: "The body took too long to arrive (TIERQ_BODY_TIMEOUT).",
     401: "No API key, or one that is not valid (or a watch token that is not).",
     403: "The key is not an admin key.",
     404: "No such resource for this key (or an unknown model).",
     409: "The resource is not in a state that allows this.",
-    413: "The request body is too large.",
+    413: "The body is over TIERQ_MAX_BODY_BYTES.",
+    415: "The body is not `application/json`.",
     422: "The request is not valid: `errors` names each field.",
     429: "Too many requests for this key: retry after `Retry-After` seconds.",
+    431: "The request line and headers are over TIERQ_MAX_HEADER_BYTES.",
     500: "The job was given up after repeated deliveries.",
     502: "The job failed on its backends.",
     503: "The database is unavailable (nothing was accepted): retry after `Retry-After`.",
@@ -59,8 +65,8 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # The statuses every route of a kind shares.
-KEYED = (401, 429, 503)  # needs a key, reads the database
-WITH_BODY = (400, 413, 422)  # reads a JSON body
+KEYED = (401, 429, 431, 503)  # needs a key, reads the database (api.limits: headers)
+WITH_BODY = (400, 408, 413, 415, 422)  # reads a JSON body (api.limits: its size, type, pace)
 
 
 def keyed(*statuses: int, body: bool = False) -> dict[int | str, dict[str, Any]]:
@@ -68,9 +74,32 @@ def keyed(*statuses: int, body: bool = False) -> dict[int | str, dict[str, Any]]
     return errors(*sorted({*KEYED, *(WITH_BODY if body else ()), *statuses}))
 
 
+# One event of a stream, as OpenAPI 3.1 reads ``schema`` under text/event-stream.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "data": {"type": "string", "description": "JSON, or [DONE] ending a chat stream."},
+    },
+}
+
+
 def event_stream(description: str) -> dict[str, Any]:
     """A 200 that is a stream of Server-Sent Events."""
     return {
         "description": description,
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
+
+
+# Declares the API key in the document (Swagger UI's Authorize, clients' generators, the
+# contract test's auth checks). It checks nothing: api.auth.current_caller does.
+API_KEY = Depends(
+    HTTPBearer(
+        auto_error=False,
+        scheme_name="apiKey",
+        description="An API key (`tierq keys create NAME`) as `Authorization: Bearer tq_...`.",
+    )
+)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Caller, admin_caller
-from api.openapi_responses import keyed
+from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
 from api.schemas import JobOut
 from tierq import operations
@@ -44,7 +44,7 @@ def _switch(request: Request, name: str, disabled: bool, now: bool = False) -> d
         ) from exc
 
 
-@router.post("/backends/{name}/disable", responses=keyed(403, 404, 422))
+@router.post("/backends/{name}/disable", dependencies=[API_KEY], responses=keyed(403, 404, 422))
 def disable_backend(
     request: Request,
     name: str,
@@ -59,19 +59,19 @@ def disable_backend(
     return _switch(request, name, True, now)
 
 
-@router.post("/backends/{name}/enable", responses=keyed(403, 404, 422))
+@router.post("/backends/{name}/enable", dependencies=[API_KEY], responses=keyed(403, 404, 422))
 def enable_backend(request: Request, name: str, _: Admin) -> dict[str, Any]:
     return _switch(request, name, False)
 
 
-@router.get("/parked", responses=keyed(403, 422))
+@router.get("/parked", dependencies=[API_KEY], responses=keyed(403, 422))
 def list_parked(_: Admin, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     with session_scope() as session:
         jobs = operations.parked(session, limit)
     return {"object": "list", "data": [JobOut.of(j).model_dump(mode="json") for j in jobs]}
 
 
-@router.post("/replay", responses=keyed(403, body=True))
+@router.post("/replay", dependencies=[API_KEY], responses=keyed(403, body=True))
 def force_replay(request: Request, body: ReplayRequest, _: Admin) -> dict[str, Any]:
     with session_scope() as session:
         released = operations.replay(

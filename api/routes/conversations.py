@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 
 from api.auth import Caller, current_caller
-from api.openapi_responses import keyed
+from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
 from api.routes.jobs import IdempotencyKey, submit_response
 from api.schemas import (
@@ -56,7 +56,13 @@ def _load(session, caller: Caller, conversation_id: uuid.UUID) -> ConversationOu
     )
 
 
-@router.post("", status_code=201, response_model=ConversationOut, responses=keyed(body=True))
+@router.post(
+    "",
+    status_code=201,
+    response_model=ConversationOut,
+    dependencies=[API_KEY],
+    responses=keyed(body=True),
+)
 def create_conversation(
     body: ConversationCreate, caller: Annotated[Caller, Depends(current_caller)]
 ) -> ConversationOut:
@@ -72,7 +78,12 @@ def create_conversation(
         return _load(session, caller, conversation.id)
 
 
-@router.get("/{conversation_id}", response_model=ConversationOut, responses=keyed(404, 422))
+@router.get(
+    "/{conversation_id}",
+    response_model=ConversationOut,
+    dependencies=[API_KEY],
+    responses=keyed(404, 422),
+)
 def get_conversation(
     conversation_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]
 ) -> ConversationOut:
@@ -84,6 +95,7 @@ def get_conversation(
     "/{conversation_id}/messages",
     status_code=202,
     response_model=JobOut,
+    dependencies=[API_KEY],
     responses=keyed(404, body=True),
 )
 def post_message(

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from api.auth import Caller, current_caller
-from api.openapi_responses import keyed
+from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
 from api.routes.jobs import load_job
 from tierq.db import session_scope
@@ -79,7 +79,12 @@ class DeliveryPage(BaseModel):
 DeliveryId = Annotated[str, Path(max_length=80)]
 
 
-@router.get("/{job_id}/deliveries", response_model=DeliveryPage, responses=keyed(404, 422))
+@router.get(
+    "/{job_id}/deliveries",
+    response_model=DeliveryPage,
+    dependencies=[API_KEY],
+    responses=keyed(404, 422),
+)
 def list_deliveries(
     job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]
 ) -> DeliveryPage:
@@ -97,6 +102,7 @@ def list_deliveries(
     "/{job_id}/deliveries/{delivery_id}/redeliver",
     status_code=202,
     response_model=DeliveryOut,
+    dependencies=[API_KEY],
     responses=keyed(404, 409, 422),
 )
 def redeliver_delivery(

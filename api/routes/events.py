@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from api import watch_tokens
 from api.auth import Caller, current_caller
-from api.openapi_responses import event_stream, keyed
+from api.openapi_responses import API_KEY, event_stream, keyed
 from api.problems import Problem
 from api.routes.jobs import load_job
 from tierq.db import session_scope
@@ -161,6 +161,7 @@ def _new_watch_token(caller: Caller, job_id: uuid.UUID) -> WatchToken:
     "/v1/jobs/{job_id}/watch-token",
     status_code=201,
     response_model=WatchToken,
+    dependencies=[API_KEY],
     responses=keyed(404, 422),
 )
 def create_watch_token(
@@ -174,13 +175,16 @@ def create_watch_token(
 @router.get(
     "/v1/jobs/{job_id}/events",
     response_class=StreamingResponse,
+    dependencies=[API_KEY],
     responses={200: event_stream("The job's events, to its final one."), **keyed(404, 422)},
 )
 async def job_events(
     request: Request,
     job_id: uuid.UUID,
     caller: Annotated[Caller, Depends(events_caller)],
-    last_event_id: Annotated[str | None, LastEventId] = None,
+    # `str`, not `str | None`: a header is absent or a string, never null (a nullable
+    # header in the document reads as one that may be sent as "null").
+    last_event_id: Annotated[str, LastEventId] = None,  # type: ignore[assignment]  # noqa: RUF013
 ) -> StreamingResponse:
     after = -1 if last_event_id is None else int(last_event_id)
     job = await run_in_threadpool(load_job, caller, job_id)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select, text
 
 from api.auth import Caller, current_caller
-from api.openapi_responses import keyed
+from api.openapi_responses import API_KEY, keyed
 from tierq.broker import get_celery
 from tierq.config import BackendConfig
 from tierq.db import get_engine, session_scope
@@ -121,6 +121,7 @@ def _tier_status(rows: list[Backend | None]) -> TierState:
     "/backends",
     response_model=BackendsOut,
     response_model_exclude_unset=True,
+    dependencies=[API_KEY],
     responses=keyed(),
 )
 def backends(request: Request, caller: Annotated[Caller, Depends(current_caller)]) -> BackendsOut:

@@ -17,7 +17,7 @@ from pydantic import AfterValidator
 from sqlalchemy import or_, select
 
 from api.auth import Caller, current_caller
-from api.openapi_responses import keyed
+from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
 from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
@@ -81,7 +81,13 @@ def submit_response(
     )
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=keyed(404, body=True))
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    dependencies=[API_KEY],
+    responses=keyed(404, body=True),
+)
 def submit_job(
     request: Request,
     body: JobCreate,
@@ -124,7 +130,7 @@ async def wait_for_end(
                 await asyncio.wait_for(event.wait(), min(remaining, waiters.recheck_seconds))
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=keyed(404, 422))
+@router.get("/{job_id}", response_model=JobOut, dependencies=[API_KEY], responses=keyed(404, 422))
 async def get_job(
     request: Request,
     job_id: uuid.UUID,
@@ -152,7 +158,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from exc
 
 
-@router.get("", response_model=JobPage, responses=keyed(422))
+@router.get("", response_model=JobPage, dependencies=[API_KEY], responses=keyed(422))
 def list_jobs(
     caller: Annotated[Caller, Depends(current_caller)],
     status: Annotated[JobStatus | None, Query()] = None,
@@ -184,7 +190,12 @@ def list_jobs(
     )
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses=keyed(404, 409, 422))
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    dependencies=[API_KEY],
+    responses=keyed(404, 409, 422),
+)
 def cancel_job(job_id: uuid.UUID, caller: Annotated[Caller, Depends(current_caller)]) -> JobOut:
     """Cancel an active job. A running job's backend call is aborted within a second."""
     with session_scope() as session:

@@ -42,7 +42,7 @@ from sqlalchemy import select
 from api import disconnect
 from api.auth import Caller, current_caller
 from api.chat_request import StreamOptions
-from api.openapi_responses import errors, event_stream, keyed
+from api.openapi_responses import API_KEY, errors, event_stream, keyed
 from api.problems import PROBLEM_JSON, Problem
 from api.routes.chat_stream import stream_job
 from api.routes.jobs import IdempotencyKey, check_webhook_target, wait_for_end
@@ -287,6 +287,7 @@ async def _failure(job: Job, keyed: bool) -> Problem:
 
 @router.post(
     "/chat/completions",
+    dependencies=[API_KEY],
     responses={
         200: event_stream("The answer: JSON, or with `stream: true` its chunks as they come."),
         **keyed(404, 409, 500, 502, 504, body=True),
@@ -352,7 +353,7 @@ def _model(name: str, owner: str, **extra: Any) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": STARTED, "owned_by": owner, **extra}
 
 
-@router.get("/models", dependencies=[Depends(current_caller)], responses=errors(401, 429))
+@router.get("/models", dependencies=[API_KEY, Depends(current_caller)], responses=errors(401, 429))
 def list_models(request: Request) -> dict[str, Any]:
     """The routes: each model name a request may send (aliases too), with its chain of
     tiers. Without routes, any name is accepted: the alias ``tierq`` and the models the
