@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from schemathesis.config import SchemathesisConfig
-from schemathesis.engine import events
+from schemathesis.engine import StopReason, events
 
 from tests.deployment import Deployment, deployment
 
@@ -83,25 +84,42 @@ def contract_config(key: str) -> SchemathesisConfig:
     )
 
 
-def findings(stream: Any) -> list[str]:
-    """Every failed check and every error of a run, one readable entry each."""
-    found: list[str] = []
+@dataclass
+class Run:
+    found: list[str] = field(default_factory=list)  # every failed check and error
+    fuzzed: set[str] = field(default_factory=set)  # the operations that got requests
+
+
+def _failures(event: events.ScenarioFinished | events.FuzzScenarioFinished) -> Iterator[str]:
+    for nodes in event.recorder.checks.values():
+        for node in nodes:
+            if node.failure_info is not None:
+                failure = node.failure_info.failure
+                yield (
+                    f"{event.recorder.label} [{node.name}] {failure.title}\n"
+                    f"{failure.message}\n{node.failure_info.code_sample}"
+                )
+
+
+def run(stream: Any) -> Run:
+    """What a run found, one readable entry each; a run cut short is a finding too (a
+    server that stopped answering would otherwise find nothing)."""
+    result = Run()
     for event in stream:
         if isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):
-            for nodes in event.recorder.checks.values():
-                for node in nodes:
-                    if node.failure_info is None:
-                        continue
-                    failure = node.failure_info.failure
-                    found.append(
-                        f"{event.recorder.label} [{node.name}] {failure.title}\n"
-                        f"{failure.message}\n{node.failure_info.code_sample}"
-                    )
+            result.found += _failures(event)
+        if isinstance(event, events.ScenarioFinished) and event.phase.name == "FUZZING":
+            if event.recorder.cases:
+                result.fuzzed.add(event.recorder.label)
         elif isinstance(event, events.NonFatalError):
-            found.append(f"{event.label}: {event.info.format()}")
+            result.found.append(f"{event.label}: {event.info.format()}")
         elif isinstance(event, events.FatalError):
-            found.append(f"fatal: {event.exception!r}")
-    return found
+            result.found.append(f"fatal: {event.exception!r}")
+        elif isinstance(event, events.EngineFinished):
+            result.found += [f"after the run: {failure.title}" for failure in event.failures]
+            if event.stop_reason != StopReason.COMPLETED:
+                result.found.append(f"the run stopped early: {event.stop_reason}")
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +140,14 @@ def test_the_server_keeps_its_openapi_contract(
     schema = schemathesis.openapi.from_url(
         f"{deployed.stack.api_url}/openapi.json", config=contract_config(deployed.key)
     )
-    found = findings(schemathesis.engine.from_schema(schema).execute())
-    assert not found, f"{len(found)} found:\n\n" + "\n\n".join(found)
+    result = run(schemathesis.engine.from_schema(schema).execute())
+    assert not result.found, f"{len(result.found)} found:\n\n" + "\n\n".join(result.found)
+    documented = {
+        f"{method.upper()} {path}"
+        for path, operations in schema.raw_schema["paths"].items()
+        for method in operations
+    }
+    assert result.fuzzed == documented  # every operation was exercised, none skipped
 
 
 # --- the docs pages and 405s ------------------------------------------------------------
