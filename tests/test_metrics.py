@@ -1,4 +1,4 @@
-"""/metrics and /health/backends against real Postgres and Redis.
+"""/metrics against real Postgres and Redis (/health/backends: tests/test_health.py).
 
 Other tests share the database, so every assertion on a count compares two scrapes: the
 numbers must move by exactly what this test wrote.
@@ -57,15 +57,6 @@ def delta(before: Scrape, after: Scrape, name: str, **labels: str) -> float:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-def admin_key(env: dict[str, str]) -> str:
-    from tierq.db import session_scope
-    from tierq.keys import create_key
-
-    with session_scope() as session:
-        return create_key(session, "operator", is_admin=True).key
 
 
 # --- writing rows the way workers would -----------------------------------------------
@@ -449,126 +440,6 @@ def test_without_a_redis_broker_queue_depth_comes_from_the_database(env: dict[st
         after
     )
     assert ("tierq_broker_up", frozenset()) not in after
-
-
-# --- /health/backends ------------------------------------------------------------------
-
-
-def test_backends_need_a_key(client: TestClient) -> None:
-    response = client.get("/health/backends")
-    assert response.status_code == 401
-    assert response.headers["content-type"] == "application/problem+json"
-
-
-def test_backends_lists_the_configured_backends_without_secrets_to_admins(
-    client: TestClient, admin_key: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    secret = f"sk-ant-{uuid.uuid4().hex}"
-    monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
-    response = client.get("/health/backends", headers=auth(admin_key))
-    assert response.status_code == 200
-    assert [t["tier"] for t in response.json()["tiers"]] == ["gpu", "cpu", "hosted"]
-    data = response.json()["data"]
-    assert [(b["name"], b["tier"], b["protocol"]) for b in data] == [
-        ("gpu-vllm", "gpu", "openai"),
-        ("cpu-ollama", "cpu", "ollama"),
-        ("hosted-anthropic", "hosted", "anthropic"),
-    ]
-    assert set(data[0]) == {
-        "name",
-        "tier",
-        "protocol",
-        "url",
-        "health",
-        "circuit",
-        "disabled",
-        "last_probe_at",
-        "last_latency_ms",
-        "last_error",
-        "served_models",
-        "model_error",
-    }
-    assert secret not in response.text and "api_key" not in response.text
-
-
-def test_backends_show_the_shared_state_row(env: dict[str, str], admin_key: str) -> None:
-    from api.app import create_app
-    from tierq.config import parse_config
-    from tierq.db import db_now
-    from tierq.models import Backend
-
-    name = f"metrics-{uuid.uuid4().hex[:8]}"
-    config = parse_config(
-        f"tiers:\n  - name: gpu\n    backends:\n      - name: {name}\n        protocol: openai\n"
-        "        url: http://127.0.0.1:1\n        model: m\n"
-    )
-    add_rows(
-        Backend(
-            name=name,
-            tier="gpu",
-            health="degraded",
-            circuit="open",
-            disabled=True,
-            last_probe_at=db_now(),
-            last_latency_ms=2500.0,
-            last_error="slow",
-        )
-    )
-    with TestClient(create_app(config)) as client:
-        (backend,) = client.get("/health/backends", headers=auth(admin_key)).json()["data"]
-    assert backend["name"] == name and backend["url"] == "http://127.0.0.1:1"
-    shown = {k: backend[k] for k in ("health", "circuit", "disabled", "last_error")}
-    assert shown == dict(health="degraded", circuit="open", disabled=True, last_error="slow")
-    assert backend["last_latency_ms"] == 2500.0
-    assert backend["last_probe_at"] is not None
-
-
-def test_other_keys_see_only_whether_each_tier_is_live(env: dict[str, str], api_key: str) -> None:
-    """No URL, error, model or breaker for a key that is not an admin's: live, degraded or
-    down per tier, from the same rows."""
-    from api.app import create_app
-    from tierq.config import parse_config
-    from tierq.models import Backend
-
-    tag = uuid.uuid4().hex[:8]
-    backends = {"a1": "a", "a2": "a", "b1": "b", "c1": "c", "d1": "d", "d2": "d"}
-    config = parse_config(
-        "tiers:\n"
-        + "".join(
-            f"  - name: {tier}-{tag}\n    backends:\n"
-            + "".join(
-                f"      - name: {name}-{tag}\n        protocol: openai\n"
-                f"        url: http://10.9.8.7:1\n        model: secret-model\n"
-                for name, of in backends.items()
-                if of == tier
-            )
-            for tier in "abcd"
-        )
-    )
-    rows = {  # c1 has no row yet (no worker touched it): given the benefit of the doubt
-        "a1": dict(health="healthy", circuit="closed"),
-        "a2": dict(health="healthy", circuit="open", last_error="boom at 10.9.8.7"),
-        "b1": dict(health="down", circuit="closed"),
-        "d1": dict(health="degraded", circuit="closed"),
-        "d2": dict(health="healthy", circuit="closed", disabled=True),
-    }
-    add_rows(
-        *(Backend(name=f"{n}-{tag}", tier=f"{backends[n]}-{tag}", **r) for n, r in rows.items())
-    )
-    with TestClient(create_app(config)) as client:
-        response = client.get("/health/backends", headers=auth(api_key))
-    assert response.status_code == 200
-    assert response.json() == {
-        "object": "list",
-        "tiers": [
-            {"tier": f"a-{tag}", "status": "degraded"},
-            {"tier": f"b-{tag}", "status": "down"},
-            {"tier": f"c-{tag}", "status": "live"},
-            {"tier": f"d-{tag}", "status": "degraded"},
-        ],
-    }
-    for hidden in ("10.9.8.7", "secret-model", "a1-", "boom", "open"):
-        assert hidden not in response.text
 
 
 # --- end to end: real workers move the counters ----------------------------------------
