@@ -170,7 +170,18 @@ def _validate(url: str) -> str:
 
 # The request field: a 422 naming `webhook_url` when the URL is malformed or a non-public
 # literal address; endpoints then call check_url (off the event loop) for host names.
-WebhookURL = Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_validate)]
+# The schema states the http(s) rule for OpenAPI readers and fuzzers; the validator checks
+# it (with a message that says what to send) and refuses non-public hosts, which no schema
+# can say.
+WebhookURL = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        json_schema_extra={"pattern": "^[Hh][Tt][Tt][Pp][Ss]?://", "format": "uri"},
+    ),
+    AfterValidator(_validate),
+]
 
 
 @dataclass(frozen=True)
