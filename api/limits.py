@@ -31,14 +31,16 @@ import asyncio
 import contextvars
 from datetime import UTC, datetime
 from email.message import Message
-from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
 from api.problems import problem_response
 from tierq.settings import MIB
+
+SHOWN_CONTENT_TYPE = 100  # characters of a refused Content-Type echoed back
 
 _ARRIVED: contextvars.ContextVar[datetime | None] = contextvars.ContextVar(
     "tierq_request_arrived", default=None
@@ -62,7 +64,7 @@ def _size(limit: int) -> str:
     return f"{limit / MIB:g} MiB" if limit % (MIB // 4) == 0 else f"{limit} bytes"
 
 
-def _refusal(status: int, title: str, field: str, message: str) -> Any:
+def _refusal(status: int, title: str, field: str, message: str) -> JSONResponse:
     """A problem+json response that also closes the connection. It carries OpenAI's
     ``error`` object too: these come before routing, so also on the OpenAI surface, where
     the SDK builds its exception's message from ``error.message``."""
@@ -74,7 +76,7 @@ def _refusal(status: int, title: str, field: str, message: str) -> Any:
     )  # fmt: skip
 
 
-def _too_large(limit: int) -> Any:
+def _too_large(limit: int) -> JSONResponse:
     message = f"larger than {_size(limit)} (TIERQ_MAX_BODY_BYTES)"
     return _refusal(413, "Content too large", "body", message)
 
@@ -146,14 +148,14 @@ class RequestLimits:
             return  # nobody to answer
         await self.app(scope, _replay(body, receive), send)
 
-    def _refuse_early(self, headers: Headers, length: int | None) -> Any:
+    def _refuse_early(self, headers: Headers, length: int | None) -> JSONResponse | None:
         """The refusal the headers alone decide, if any: nothing of the body is read."""
         if length == -1:
             return _refusal(400, "Invalid request", "Content-Length", "not a number")
         if length is not None and length > self.max_body_bytes:
             return _too_large(self.max_body_bytes)
         if not _is_json(headers.get("content-type")):
-            sent = headers.get("content-type") or "none"
+            sent = (headers.get("content-type") or "none")[:SHOWN_CONTENT_TYPE]
             message = f"must be application/json (got {sent})"
             return _refusal(415, "Unsupported media type", "Content-Type", message)
         return None

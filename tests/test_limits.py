@@ -183,6 +183,19 @@ def test_a_body_that_trickles_in_is_408() -> None:
     assert time.monotonic() - started < 2
 
 
+def test_a_content_length_that_is_not_a_number_is_400() -> None:
+    async def app(*_: Any) -> None:
+        raise AssertionError("the application saw a request with no readable length")
+
+    async def unread() -> dict[str, Any]:
+        raise AssertionError("the body was read")
+
+    sent = Sent()
+    headers = {"Content-Length": "12abc", "Content-Type": "application/json"}
+    asyncio.run(limits(app)(scope(headers), unread, sent))
+    assert sent.status == 400 and sent.json()["errors"][0]["field"] == "Content-Length"
+
+
 def test_headers_over_the_limit_are_431(client: TestClient, api_key: str) -> None:
     headers = {**auth(api_key), "X-Padding": "p" * 17_000}  # default limit: 16 KiB
     assert_problem(client.post("/v1/jobs", json=BODY, headers=headers), 431, "headers")
