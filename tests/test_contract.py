@@ -13,6 +13,7 @@ Next to it, the docs pages (pinned scripts with integrity, none in production) a
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,10 +23,16 @@ from typing import Any
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, seed, settings
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import StopReason, events
+from sqlalchemy import func, select
 
 from tests.deployment import Deployment, deployment
+from tests.services import wait_until
+from tests.test_failover import wait_job
+from tierq.db import make_engine
+from tierq.models import Job
 
 SEED = 20261202
 MAX_EXAMPLES = 12  # per operation and phase: the budget that keeps the run under ~60 s
@@ -148,6 +155,51 @@ def test_the_server_keeps_its_openapi_contract(
         for method in operations
     }
     assert result.fuzzed == documented  # every operation was exercised, none skipped
+    fuzzed_jobs_end_and_block_nothing(deployed, schema)
+
+
+WORKER_FUZZ = 150  # jobs drawn from POST /v1/jobs's schema for the worker side
+
+
+def fuzzed_jobs_end_and_block_nothing(d: Deployment, schema: Any) -> None:
+    """The worker side: bodies drawn from POST /v1/jobs's schema (every field and extra
+    shaped every way hypothesis can think of) are submitted, and every job the API accepts
+    runs through the workers to the simulated backends to its end; none ends dead (a job
+    that broke a worker). Then an ordinary job is answered at once: no tier was blocked."""
+    bodies: list[Any] = []
+
+    @settings(max_examples=WORKER_FUZZ, database=None, suppress_health_check=list(HealthCheck))
+    @seed(SEED)
+    @given(schema["/v1/jobs"]["POST"].as_strategy())
+    def draw(case: Any) -> None:
+        bodies.append(case.body)
+
+    draw()
+    headers = {"content-type": "application/json"}
+    with d.client() as client:
+        answers = [client.post("/v1/jobs", content=json.dumps(b), headers=headers) for b in bodies]
+    accepted = sum(a.status_code == 202 for a in answers)
+    assert accepted >= 20, [a.status_code for a in answers]  # the fuzz reached the workers
+    assert {a.status_code for a in answers} <= {202, 400, 404, 413, 422}, answers
+    engine = make_engine(d.database_url)
+    try:
+
+        def counts() -> dict[str, int]:
+            with engine.connect() as conn:
+                rows = conn.execute(select(Job.status, func.count()).group_by(Job.status))
+                return {status: n for status, n in rows}
+
+        def settled() -> bool:
+            return not {s for s, n in counts().items() if n} & {"queued", "running", "retry_wait"}
+
+        wait_until(settled, 180, 0.5, what="every fuzzed job to end")
+        found = counts()
+    finally:
+        engine.dispose()
+    assert found.get("dead", 0) == 0, found
+    with d.client() as client:
+        answered = wait_job(client, d.submit(client, "after the fuzz").json()["id"], 15)
+    assert answered["status"] == "succeeded", answered
 
 
 # --- the docs pages and 405s ------------------------------------------------------------
