@@ -154,13 +154,16 @@ def interrupted(url: str, body: dict[str, Any], interrupt: Any) -> tuple[bytes, 
 
 
 def check_interrupted(data: bytes, error: Any) -> list[dict[str, Any]]:
-    """A stream a newcomer ended: its last event is [DONE], no chunk has a finish_reason,
-    and the connection then closes without the chunked body's end. Returns the chunks."""
+    """A stream a newcomer ended: its last event is [DONE] and no chunk has a finish_reason.
+    Usually the connection then closes without the chunked body's end; under load the server
+    sometimes ends the body first (seen in a full suite run), so either is its answer: only
+    the missing finish_reason tells a cut stream. Returns the chunks."""
     assert data.endswith(b"data: [DONE]\n\n")
     parsed = chunks(data)
     assert [c["choices"][0]["finish_reason"] for c in parsed] == [None] * len(parsed)
-    assert isinstance(error, httpx.RemoteProtocolError)
-    assert "incomplete chunked read" in str(error)
+    if error is not None:
+        assert isinstance(error, httpx.RemoteProtocolError)
+        assert "incomplete chunked read" in str(error)
     return parsed
 
 

@@ -24,6 +24,7 @@ from openai import OpenAI
 
 from tests.deployment import Deployment, backend, deployment, tier
 from tests.services import wait_until
+from tests.test_failover import admin_headers
 from tierq import routes
 from tierq.config import ConfigError, TierqConfig, parse_config
 from tierq.errors import ErrorClass
@@ -376,8 +377,10 @@ def recover(d: Deployment, http: httpx.Client, sim: str) -> None:
     """The fault off, and the backend back in use (a probe may have seen it fail)."""
     httpx.post(f"{d.simulators[sim]}/_sim/reset").raise_for_status()
 
+    admin = admin_headers(d)  # the backends' details are an admin key's to see
+
     def usable() -> bool:
-        rows = http.get("/health/backends").json()["data"]
+        rows = http.get("/health/backends", headers=admin).json()["data"]
         row = next(r for r in rows if r["name"] == sim)
         return row["health"] != "down" and row["circuit"] == "closed"
 
