@@ -27,10 +27,10 @@ from api.auth import Caller
 from api.disconnect import ClientGone, wanted, watched
 from api.routes.jobs import load_job, wait_for_end
 from api.schemas import ServedBy
+from api.waiters import first_of
 from tierq import streams
 from tierq.models import Job, JobStatus
 
-BLOCK_MS = 1000
 # An SSE comment this often while nothing else is sent: proxies and load balancers close
 # connections idle for 30-60 s, and clients' read timeouts restart on every byte.
 KEEPALIVE_SECONDS = 5.0
@@ -190,38 +190,60 @@ class LiveView:
 async def _live(
     request: Request, caller: Caller, job: Job, writer: ChunkWriter, wait: float
 ) -> AsyncIterator[bytes]:
+    """The job's deltas as they arrive. Waiting holds nothing: the process's stream reader
+    hands this request its entries, the process's waiters say when the job changed
+    (``api.waiters``), and only then is the job read again."""
     if _settled(job):  # e.g. a retry with the same Idempotency-Key after the job ended
         for frame in _ending(job, writer, []):
             yield frame
         return
+    waiters = request.app.state.waiters
     view = LiveView(await run_in_threadpool(streams.after_last_reset, job.id))
+    # What the stream holds already goes out at once; the reader follows from its end.
+    for delta in view.take(await run_in_threadpool(_read, job, view.after, None)):
+        yield writer.delta(delta)
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait
     quiet_since = loop.time()
-    while not await request.is_disconnected():
-        for delta in view.take(await run_in_threadpool(_read, job, view.after, BLOCK_MS)):
-            quiet_since = loop.time()
-            yield writer.delta(delta)
-        if view.reset:
-            yield _stream_reset(job)
-            return
-        current = await run_in_threadpool(load_job, caller, job.id)
-        if _settled(current):
-            # The worker writes every delta before it commits: whatever came after the
-            # read above is in the stream now.
-            for delta in view.take(await run_in_threadpool(_read, job, view.after, None)):
+    with (
+        waiters.watch(str(job.id)) as changed,
+        waiters.streams.follow(job.id, view.after) as follow,
+    ):
+        changed.set()  # read the job once now: it may have settled before it was watched
+        while not await request.is_disconnected():
+            for delta in view.take(follow.take()):
+                quiet_since = loop.time()
                 yield writer.delta(delta)
-            frames = [_stream_reset(job)] if view.reset else None
-            for frame in frames or _ending(current, writer, view.shown):
-                yield frame
-            return
-        if not view.shown and loop.time() >= give_up_at:
-            yield _not_finished(current)
-            return
-        if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
-            quiet_since = loop.time()
-            yield KEEPALIVE
+            if view.reset:
+                yield _stream_reset(job)
+                return
+            if changed.is_set():
+                changed.clear()  # before the read: a change during it is not missed
+                job = await run_in_threadpool(load_job, caller, job.id)
+                if _settled(job):
+                    for frame in await _settled_frames(job, writer, view):
+                        yield frame
+                    return
+            if not view.shown and loop.time() >= give_up_at:
+                yield _not_finished(job)
+                return
+            next_keepalive = quiet_since + KEEPALIVE_SECONDS
+            until = min(next_keepalive, give_up_at) if not view.shown else next_keepalive
+            woke = await first_of(changed, follow.arrived, timeout=until - loop.time())
+            if not woke and loop.time() >= next_keepalive:
+                quiet_since = loop.time()
+                yield KEEPALIVE
     raise ClientGone  # the loop ends only when the client has disconnected
+
+
+async def _settled_frames(job: Job, writer: ChunkWriter, view: LiveView) -> list[bytes]:
+    """The end of the stream of a job that settled. The worker writes every delta before
+    it commits, so what the reader has not handed over yet is in the stream now."""
+    rest = await run_in_threadpool(_read, job, view.after, None)
+    deltas = view.take(rest)
+    if view.reset:
+        return [_stream_reset(job)]
+    return [writer.delta(delta) for delta in deltas] + _ending(job, writer, view.shown)
 
 
 def _ending(job: Job, writer: ChunkWriter, shown: list[dict[str, Any]]) -> list[bytes]:

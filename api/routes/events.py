@@ -13,8 +13,6 @@ are refused. The expiry is checked when a stream starts; a stream that started k
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -33,6 +31,7 @@ from api.auth import Caller, current_caller
 from api.openapi_responses import API_KEY, event_stream, keyed
 from api.problems import Problem
 from api.routes.jobs import load_job
+from api.waiters import first_of
 from tierq.db import session_scope
 from tierq.models import ApiKey, Job, JobEvent, JobStatus
 
@@ -75,12 +74,13 @@ def _since(job_id: uuid.UUID, after: int) -> tuple[list[JobEvent], str]:
 
 async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes]:
     waiters = request.app.state.waiters
-    with waiters.watch(str(job.id)) as wake:
+    with waiters.watch(str(job.id)) as changed:
         if after < 0:  # a fresh watcher first learns the job exists; its id 0 is before all
             yield _frame(0, "queued", {"job_id": str(job.id), "at": job.created_at})
             after = 0
         while True:
-            wake.clear()
+            # Cleared before the read: an event committed during it sets ``changed`` again.
+            changed.clear()
             events, status = await run_in_threadpool(_since, job.id, after)
             for event in events:
                 after = event.id
@@ -91,10 +91,9 @@ async def _stream(request: Request, job: Job, after: int) -> AsyncIterator[bytes
                 )
             if status and JobStatus(status).terminal:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), min(KEEPALIVE_SECONDS, waiters.recheck_seconds))
-                continue
-            yield b": keepalive\n\n"
+            # Read again only when the process's waiters say the job changed (api.waiters).
+            while not await first_of(changed, timeout=KEEPALIVE_SECONDS):
+                yield b": keepalive\n\n"
 
 
 # -- watch tokens ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
 from api.schemas import JobCreate, JobOut, JobPage
 from api.submit import accept
+from api.waiters import read_off_loop
 from tierq import transitions
 from tierq.db import session_scope
 from tierq.models import TERMINAL_STATUSES, Job, JobStatus
@@ -113,21 +114,22 @@ async def wait_for_end(
     stop_at: Collection[str] = TERMINAL_STATUSES,
 ) -> Job:
     """The job, once it has ended (or reached another status in ``stop_at``) or ``wait``
-    seconds have passed, whichever comes first."""
+    seconds have passed, whichever comes first. The job is read once, then again only when
+    the process's waiters (``api.waiters``) say it changed. The deadline is the loop's
+    clock: a read still queued for a thread when it passes is abandoned, and the job as
+    last read is returned, so the wait never overruns."""
     waiters = request.app.state.waiters
-    loop = asyncio.get_running_loop()
-    until = loop.time() + wait
-    with waiters.watch(str(job_id)) as event:
-        while True:
-            # Cleared before the job is read: a notification that arrives while it is read
-            # sets the event again, so the wait below returns at once instead of missing it.
-            event.clear()
-            job = await run_in_threadpool(load_job, caller, job_id)
-            remaining = until - loop.time()
-            if job.status in stop_at or remaining <= 0:
-                return job
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, waiters.recheck_seconds))
+    until = asyncio.get_running_loop().time() + wait
+    with waiters.watch(str(job_id)) as changed:
+        # Watched before the first read: a change while it runs sets ``changed``.
+        job = await run_in_threadpool(load_job, caller, job_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(until):
+                while job.status not in stop_at:
+                    await changed.wait()
+                    changed.clear()  # before the read: a change during it is not missed
+                    job = await read_off_loop(load_job, caller, job_id)
+        return job
 
 
 @router.get("/{job_id}", response_model=JobOut, dependencies=[API_KEY], responses=keyed(404, 422))
@@ -137,6 +139,8 @@ async def get_job(
     caller: Annotated[Caller, Depends(current_caller)],
     wait: Annotated[float, Query(ge=0, le=60, description="Long-poll up to this many s")] = 0,
 ) -> JobOut:
+    if not wait:
+        return JobOut.of(await run_in_threadpool(load_job, caller, job_id))
     return JobOut.of(await wait_for_end(request, caller, job_id, wait))
 
 
