@@ -10,6 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from api import key_limits
+from api.key_limits import DEFAULTS, KeyLimits
 from api.problems import Problem
 from tierq.db import session_scope
 from tierq.keys import find_key, hash_key
@@ -23,6 +25,7 @@ class Caller:
     is_admin: bool
     # The key's default for chat clients that disconnect (x-tierq-cancel-on-disconnect).
     cancel_on_disconnect: bool = False
+    limits: KeyLimits = DEFAULTS  # the key's own; unset ones: the defaults (settings)
 
 
 _cache: dict[str, tuple[float, Caller]] = {}
@@ -40,7 +43,10 @@ def _cached(digest: str) -> Caller | None:
 def _load(key: str, digest: str) -> Caller | None:
     with session_scope() as session:
         row = find_key(session, key)
-        caller = Caller(row.id, row.is_admin, row.cancel_on_disconnect) if row else None
+        caller = None
+        if row is not None:
+            limits = KeyLimits(row.rps, row.max_jobs, row.max_waiters)
+            caller = Caller(row.id, row.is_admin, row.cancel_on_disconnect, limits)
     if caller:
         _cache[digest] = (time.monotonic() + CACHE_SECONDS, caller)
     return caller
@@ -57,6 +63,7 @@ async def current_caller(request: Request) -> Caller:
     caller = _cached(digest) or await run_in_threadpool(_load, key, digest)
     if caller is None:
         raise _unauthorized("The API key is not valid.")
+    key_limits.admit_request(request, caller)  # 429 past the key's requests per second
     return caller
 
 

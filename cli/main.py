@@ -225,11 +225,38 @@ def keys() -> None:
     help="A chat-completions client of this key that disconnects before its answer cancels "
     "its job (a request's x-tierq-cancel-on-disconnect header wins). Default: the job is kept.",
 )
+@click.option(
+    "--rps",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Requests per second of this key, per API process (default TIERQ_KEY_RPS; 0: none).",
+)
+@click.option(
+    "--max-jobs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Jobs of this key not ended at once; more are refused at submit (default "
+    "TIERQ_KEY_MAX_JOBS; 0: none).",
+)
+@click.option(
+    "--max-waiters",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Long-polls, event streams and waiting chat calls of this key at once, per API "
+    "process (default TIERQ_KEY_MAX_WAITERS; 0: none).",
+)
 def keys_create(
-    name: str, admin: bool, webhook_url: str | None, cancel_on_disconnect: bool
+    name: str,
+    admin: bool,
+    webhook_url: str | None,
+    cancel_on_disconnect: bool,
+    rps: float | None,
+    max_jobs: int | None,
+    max_waiters: int | None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash. The second line
-    is the key's webhook signing secret (Standard Webhooks), also printed only this once."""
+    is the key's webhook signing secret (Standard Webhooks), also printed only this once.
+    Over a limit a request gets a 429 with Retry-After."""
     from tierq.db import session_scope
     from tierq.keys import create_key
 
@@ -241,6 +268,9 @@ def keys_create(
                 is_admin=admin,
                 webhook_url=webhook_url,
                 cancel_on_disconnect=cancel_on_disconnect,
+                rps=rps,
+                max_jobs=max_jobs,
+                max_waiters=max_waiters,
             )
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--webhook-url") from exc

@@ -1,6 +1,6 @@
-"""Waiters that cost nothing (api/waiters.py), with the API in this process on the test
-Postgres and Redis (or a SQLite file); no worker runs, so jobs stay queued until a test
-ends them as a worker would (tests.test_api.end_job)."""
+"""Per-key limits (api/key_limits.py) and waiters that cost nothing (api/waiters.py), with the
+API in this process on the test Postgres and Redis (or a SQLite file); no worker runs, so
+jobs stay queued until a test ends them as a worker would (tests.test_api.end_job)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import event as sa_event
 
 from tests.services import RedisServer, wait_until
-from tests.test_api import BODY, LOAD_JOB, auth, end_job
+from tests.test_api import BODY, LOAD_JOB, auth, end_job, row_counts
 from tests.test_openai_compat import sse_payloads, stored_answer, streamed_text
 
 CHAT = {**BODY, "model": "tierq"}
@@ -66,6 +67,129 @@ def held_waiters(client: TestClient) -> int:
     """Requests of this process waiting on a job now (what the waiters wake)."""
     waiting = client.app.state.waiters._events  # type: ignore[attr-defined]
     return sum(len(events) for events in list(waiting.values()))
+
+
+# -- requests per second ------------------------------------------------------------------
+
+
+def test_past_its_requests_per_second_a_key_gets_429_until_its_bucket_refills(
+    client: TestClient,
+) -> None:
+    key, _ = new_key(rps=1)  # a bucket of two seconds' worth: two requests
+    other, _ = new_key()
+    assert [client.get("/v1/jobs", headers=auth(key)).status_code for _ in range(2)] == [200] * 2
+    refused = client.get("/v1/jobs", headers=auth(key))
+    assert_refused(refused, "rps")
+    assert refused.headers["retry-after"] == "1"
+    assert client.get("/v1/jobs", headers=auth(other)).status_code == 200  # its own bucket
+    time.sleep(1.0)  # what Retry-After said
+    assert client.get("/v1/jobs", headers=auth(key)).status_code == 200
+
+
+def test_a_bucket_refills_at_the_rate_and_a_refused_request_takes_nothing() -> None:
+    from api.key_limits import take_token
+
+    bucket, wait = take_token(None, 2.0, now=100.0)  # two seconds' worth: four requests
+    for _ in range(3):
+        bucket, wait = take_token(bucket, 2.0, now=100.0)
+    assert wait == 0.0 and bucket.tokens == 0.0
+    bucket, wait = take_token(bucket, 2.0, now=100.25)  # half a request refilled
+    assert wait == 0.25 and bucket.tokens == 0.5
+    bucket, wait = take_token(bucket, 2.0, now=100.5)  # the refused one took nothing
+    assert wait == 0.0 and bucket.tokens == 0.0
+    bucket, wait = take_token(bucket, 2.0, now=1000.0)  # never more than the burst
+    assert wait == 0.0 and bucket.tokens == 3.0
+
+
+def test_a_keys_own_limit_wins_over_the_default_and_zero_means_none(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tierq.settings import get_settings
+
+    monkeypatch.setenv("TIERQ_KEY_RPS", "0.1")  # the default: a bucket of one request
+    get_settings.cache_clear()
+    try:
+        default, _ = new_key()
+        own, _ = new_key(rps=1)  # two requests
+        unlimited, _ = new_key(rps=0)
+
+        def passed(key: str, tries: int) -> list[int]:
+            return [client.get("/v1/jobs", headers=auth(key)).status_code for _ in range(tries)]
+
+        assert passed(default, 2) == [200, 429]
+        assert passed(own, 3) == [200, 200, 429]
+        assert passed(unlimited, 20) == [200] * 20
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+# -- jobs at once -------------------------------------------------------------------------
+
+
+def test_a_key_at_its_jobs_at_once_is_refused_on_every_submit_path_and_nothing_is_written(
+    client: TestClient, env: dict[str, str]
+) -> None:
+    key, _ = new_key(max_jobs=2)
+    first = submit(client, key, **{"Idempotency-Key": "first"})
+    submit(client, key)
+    conversation = client.post("/v1/conversations", json={}, headers=auth(key)).json()["id"]
+    before = row_counts(env["TIERQ_DATABASE_URL"])
+
+    assert_refused(client.post("/v1/jobs", json=BODY, headers=auth(key)), "jobs")
+    path = f"/v1/conversations/{conversation}/messages"
+    assert_refused(client.post(path, json=BODY, headers=auth(key)), "jobs")
+    chat = client.post("/v1/chat/completions", json=CHAT, headers=auth(key))
+    assert assert_refused(chat, "jobs")["error"]["code"] == "rate_limit_exceeded"
+    streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth(key))
+    assert_refused(streamed, "jobs")
+    assert row_counts(env["TIERQ_DATABASE_URL"]) == before
+
+    # A replay adds no job: it is answered. A job that ends frees its place.
+    again = client.post("/v1/jobs", json=BODY, headers={**auth(key), "Idempotency-Key": "first"})
+    assert again.status_code == 202 and again.json()["id"] == first
+    assert client.post(f"/v1/jobs/{first}/cancel", headers=auth(key)).status_code == 200
+    submit(client, key)
+
+
+# -- waiters at once ----------------------------------------------------------------------
+
+
+def test_a_key_at_its_waiters_is_refused_for_every_kind_of_wait_and_nothing_is_written(
+    client: TestClient, env: dict[str, str], pool: ThreadPoolExecutor
+) -> None:
+    key, _ = new_key(max_waiters=1)
+    job = submit(client, key)
+    polling = pool.submit(client.get, f"/v1/jobs/{job}", params={"wait": 30}, headers=auth(key))
+    wait_until(lambda: held_waiters(client) == 1, 5, what="the long-poll waiting")
+    before = row_counts(env["TIERQ_DATABASE_URL"])
+
+    assert_refused(client.get(f"/v1/jobs/{job}?wait=5", headers=auth(key)), "waiters")
+    assert_refused(client.get(f"/v1/jobs/{job}/events", headers=auth(key)), "waiters")
+    for body in (CHAT, {**CHAT, "stream": True}):
+        assert_refused(client.post("/v1/chat/completions", json=body, headers=auth(key)), "waiters")
+    assert row_counts(env["TIERQ_DATABASE_URL"]) == before
+    assert client.get(f"/v1/jobs/{job}", headers=auth(key)).status_code == 200  # no wait
+
+    end_job(job)
+    assert polling.result(timeout=10).json()["status"] == "succeeded"
+    # The long-poll gave its place back: the next one is accepted.
+    assert client.get(f"/v1/jobs/{job}?wait=1", headers=auth(key)).status_code == 200
+
+
+def test_refusals_are_counted_in_metrics_by_limit(client: TestClient) -> None:
+    from tests.test_metrics import delta, scrape
+
+    key, _ = new_key(rps=1, max_jobs=1)
+    before = scrape(client)
+    submit(client, key)
+    assert_refused(client.post("/v1/jobs", json=BODY, headers=auth(key)), "jobs")
+    assert_refused(client.get("/v1/jobs", headers=auth(key)), "rps")
+    after = scrape(client)
+    name = "tierq_key_limit_refusals_total"
+    assert delta(before, after, name, limit="jobs") == 1
+    assert delta(before, after, name, limit="rps") == 1
+    assert delta(before, after, name, limit="waiters") == 0
 
 
 # -- waiters cost nothing and never overrun -----------------------------------------------
@@ -224,3 +348,25 @@ def owned_jobs(key_id: str) -> set[str]:
         return {
             str(j) for j in session.scalars(select(Job.id).where(Job.owner_id == uuid.UUID(key_id)))
         }
+
+
+# -- setting a key's limits ---------------------------------------------------------------
+
+
+def test_keys_create_stores_the_keys_own_limits(env: dict[str, str]) -> None:
+    from sqlalchemy import select
+
+    from cli.main import main
+    from tierq.db import session_scope
+    from tierq.keys import hash_key
+    from tierq.models import ApiKey
+
+    options = ["--rps", "2.5", "--max-jobs", "3", "--max-waiters", "0"]
+    result = CliRunner().invoke(main, ["keys", "create", "limited", *options])
+    assert result.exit_code == 0, result.output
+    key = result.output.splitlines()[0]
+    with session_scope() as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+        assert (row.rps, row.max_jobs, row.max_waiters) == (2.5, 3, 0)
+    refused = CliRunner().invoke(main, ["keys", "create", "bad", "--max-jobs", "-1"])
+    assert refused.exit_code != 0

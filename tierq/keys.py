@@ -41,11 +41,19 @@ def create_key(
     is_admin: bool = False,
     webhook_url: str | None = None,
     cancel_on_disconnect: bool = False,
+    rps: float | None = None,
+    max_jobs: int | None = None,
+    max_waiters: int | None = None,
 ) -> CreatedKey:
     """``webhook_url``: where this key's jobs are announced when they name no URL of their
-    own; checked like a job's (raises tierq.webhook_urls.UnsafeWebhookURL, a ValueError)."""
+    own; checked like a job's (raises tierq.webhook_urls.UnsafeWebhookURL, a ValueError).
+    ``rps``, ``max_jobs``, ``max_waiters``: the key's own limits (api/key_limits.py); None
+    keeps the defaults from settings, 0 means none; negative raises ValueError."""
     if webhook_url is not None:
         check_url(webhook_url)
+    for name_, limit in (("rps", rps), ("max_jobs", max_jobs), ("max_waiters", max_waiters)):
+        if limit is not None and limit < 0:
+            raise ValueError(f"{name_} must be 0 (no limit) or more")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     secret = new_secret()
     row = ApiKey(
@@ -56,6 +64,9 @@ def create_key(
         webhook_secret=secret,
         default_webhook_url=webhook_url,
         cancel_on_disconnect=cancel_on_disconnect,
+        rps=rps,
+        max_jobs=max_jobs,
+        max_waiters=max_waiters,
     )
     session.add(row)
     session.flush()

@@ -34,6 +34,33 @@ log = logging.getLogger(__name__)
 
 # A scrape must not hang on a dead broker or pile slow queries onto the database.
 STATEMENT_TIMEOUT_MS = 5000
+KEY_LIMITS = ("rps", "jobs", "waiters")  # api.key_limits: what a 429 can be for
+
+
+# --- requests refused by a per-key limit (this process's count) ------------------------
+# Kept in memory, not in the database: a refusal must cost nothing, and writing a row per
+# refused request would hand a flooding key the database. Each API process counts its own,
+# as it does its scrape errors.
+
+_refusals: Counter[str] = Counter(dict.fromkeys(KEY_LIMITS, 0))
+_refusals_lock = threading.Lock()
+
+
+def count_refusal(limit: str) -> None:
+    with _refusals_lock:
+        _refusals[limit] += 1
+
+
+def _refusals_family() -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "tierq_key_limit_refusals",
+        "Requests this API process refused (429) for a per-key limit: rps, jobs, waiters.",
+        labels=["limit"],
+    )
+    with _refusals_lock:
+        for limit, count in sorted(_refusals.items()):
+            family.add_metric([limit], count)
+    return family
 
 
 # --- queues -----------------------------------------------------------------------------
@@ -118,6 +145,7 @@ class TierqCollector(Collector):
             for source, count in sorted(self._errors.items()):
                 errors.add_metric([source], count)
         yield errors
+        yield _refusals_family()
         yield GaugeMetricFamily(
             "tierq_scrape_duration_seconds",
             "Time spent reading the database and broker for this scrape.",

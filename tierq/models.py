@@ -107,6 +107,10 @@ class ApiKey(Base):
     cancel_on_disconnect: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=sa_false()
     )
+    # The key's own limits (api/key_limits.py); NULL: the default from settings; 0: none.
+    rps: Mapped[float | None] = mapped_column(Float)
+    max_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_waiters: Mapped[int | None] = mapped_column(Integer)
 
 
 class Conversation(Base):
@@ -150,6 +154,8 @@ class Job(Base):
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_idempotency"),
         Index("ix_jobs_status_tier", "status", "tier"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
+        # A key's jobs by status: the count of its jobs not ended, at every submit.
+        Index("ix_jobs_owner_status", "owner_id", "status"),
         # A conversation's previous job (submit) and the jobs waiting for one that ended
         # (the worker, on every answer): without these each is a scan of every job.
         Index("ix_jobs_conversation_answer", "conversation_id", "answer_seq"),

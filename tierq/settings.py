@@ -95,6 +95,26 @@ class Settings(BaseSettings):
         description="Idle seconds a client connection is kept between requests; above a "
         "load balancer's idle timeout, so it never reuses a connection we just closed.",
     )
+    # Per-key limits (api/key_limits.py): defaults for keys without their own (`tierq keys
+    # create --rps --max-jobs --max-waiters`); 0 means no limit. Over one: 429, Retry-After.
+    key_rps: float = Field(
+        100.0,
+        ge=0,
+        description="Requests per second of one key, per API process (bursts "
+        "of two seconds' worth).",
+    )
+    key_max_jobs: int = Field(
+        10_000,
+        ge=0,
+        description="Jobs of one key not ended at once (queued, running, "
+        "waiting to retry, parked); a submit past it is refused.",
+    )
+    key_max_waiters: int = Field(
+        200,
+        ge=0,
+        description="Long-polls, event streams and waiting chat calls of one "
+        "key at once, per API process.",
+    )
     admin_key: str = Field("", description="Key with operator rights; empty disables admin.")
     crash_at: str = Field(
         "", description="Test hook: exit the process hard at the named crash point."

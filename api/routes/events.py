@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from api import watch_tokens
+from api import key_limits, watch_tokens
 from api.auth import Caller, current_caller
 from api.openapi_responses import API_KEY, event_stream, keyed
 from api.problems import Problem
@@ -186,9 +186,10 @@ async def job_events(
     last_event_id: Annotated[str, LastEventId] = None,  # type: ignore[assignment]  # noqa: RUF013
 ) -> StreamingResponse:
     after = -1 if last_event_id is None else int(last_event_id)
-    job = await run_in_threadpool(load_job, caller, job_id)
-    return StreamingResponse(
-        _stream(request, job, after),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    with key_limits.waiting(request, caller) as slot:  # a stream is one of the key's waiters
+        job = await run_in_threadpool(load_job, caller, job_id)
+        return slot.stream(
+            _stream(request, job, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

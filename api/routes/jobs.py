@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import AfterValidator
 from sqlalchemy import or_, select
 
+from api import key_limits
 from api.auth import Caller, current_caller
 from api.openapi_responses import API_KEY, keyed
 from api.problems import Problem
@@ -69,6 +70,7 @@ def submit_response(
     request: Request, caller: Caller, body: JobCreate, idempotency_key: str | None
 ) -> Response:
     check_webhook_target(body)  # called from sync endpoints: already off the event loop
+    key_limits.admit_job(caller, idempotency_key)  # 429 at the key's jobs at once
     accepted = accept(caller.key_id, body, idempotency_key, request.app.state.tier_config)
     headers = {"Location": f"/v1/jobs/{accepted.job.id}"}
     if accepted.replayed:
@@ -141,7 +143,8 @@ async def get_job(
 ) -> JobOut:
     if not wait:
         return JobOut.of(await run_in_threadpool(load_job, caller, job_id))
-    return JobOut.of(await wait_for_end(request, caller, job_id, wait))
+    with key_limits.waiting(request, caller):  # a long-poll holds one of the key's waiters
+        return JobOut.of(await wait_for_end(request, caller, job_id, wait))
 
 
 def _encode_cursor(job: Job) -> str:

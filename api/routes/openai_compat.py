@@ -34,12 +34,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationInfo, field_validator
 from sqlalchemy import select
 
-from api import disconnect
+from api import disconnect, key_limits
 from api.auth import Caller, current_caller
 from api.chat_request import StreamOptions
 from api.openapi_responses import API_KEY, errors, event_stream, keyed
@@ -301,46 +301,37 @@ async def create_chat_completion(
     read_timeout: Annotated[str | None, Header(alias="x-stainless-read-timeout")] = None,
 ) -> Response:
     await run_in_threadpool(check_webhook_target, body)  # DNS: never on the event loop
-    if body.stream:
+    wait = _wait_seconds(read_timeout)
+    # The call waits for its answer: it holds one of the key's waiters (refused before
+    # anything is written, as is a key at its jobs at once).
+    with key_limits.waiting(request, caller) as slot:
+        await run_in_threadpool(key_limits.admit_job, caller, idempotency_key)
+        config = request.app.state.tier_config
         accepted = await run_in_threadpool(
-            accept,
-            caller.key_id,
-            body.job(),
-            idempotency_key,
-            request.app.state.tier_config,
-            True,
+            accept, caller.key_id, body.job(), idempotency_key, config, bool(body.stream)
         )
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = stream_job(
-            request, caller, accepted.job, include_usage, _wait_seconds(read_timeout)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return slot.stream(
+                stream_job(request, caller, accepted.job, include_usage, wait),
+                media_type="text/event-stream",
+                headers={
+                    "x-request-id": str(accepted.job.id),
+                    "x-tierq-job-id": str(accepted.job.id),
+                    "Cache-Control": "no-cache",
+                },
+            )
+        waiting = wait_for_end(
+            request, caller, accepted.job.id, wait, stop_at=TERMINAL_STATUSES | {JobStatus.PARKED}
         )
-        return StreamingResponse(
-            frames,
-            media_type="text/event-stream",
-            headers={
-                "x-request-id": str(accepted.job.id),
-                "x-tierq-job-id": str(accepted.job.id),
-                "Cache-Control": "no-cache",
-            },
-        )
-    accepted = await run_in_threadpool(
-        accept, caller.key_id, body.job(), idempotency_key, request.app.state.tier_config
-    )
-    waiting = wait_for_end(
-        request,
-        caller,
-        accepted.job.id,
-        _wait_seconds(read_timeout),
-        stop_at=TERMINAL_STATUSES | {JobStatus.PARKED},
-    )
-    if not disconnect.wanted(request, caller):
-        job = await waiting  # a client that goes away leaves its job running
-    else:
-        try:
-            job = await disconnect.unless_gone(request, waiting)
-        except disconnect.ClientGone:
-            await disconnect.cancel_job(accepted.job.id, caller)
-            return Response(status_code=499)  # nobody is listening any more
+        if not disconnect.wanted(request, caller):
+            job = await waiting  # a client that goes away leaves its job running
+        else:
+            try:
+                job = await disconnect.unless_gone(request, waiting)
+            except disconnect.ClientGone:
+                await disconnect.cancel_job(accepted.job.id, caller)
+                return Response(status_code=499)  # nobody is listening any more
     if job.status != JobStatus.SUCCEEDED or job.result is None:
         raise await _failure(job, keyed=idempotency_key is not None)
     headers = _job_headers(job)
