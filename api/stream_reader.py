@@ -30,6 +30,10 @@ from tierq.settings import get_settings
 log = logging.getLogger(__name__)
 BLOCK_MS = 5000  # an XREAD's longest wait: nudges end it sooner, so it costs no latency
 COUNT = 500  # entries per stream per XREAD
+# After entries arrive, what arrives next is gathered this long before the next XREAD: an
+# XREAD names every followed stream, so one per token of each of hundreds of busy streams
+# would cost more than the tokens. Adds at most this much to a token's way to its client.
+GATHER_SECONDS = 0.01
 CONTROL_TTL = 3600  # a dead process's control stream goes away after this many seconds
 RETRY_SECONDS = 1.0
 
@@ -152,6 +156,7 @@ class StreamReader:
         finally:
             self._blocked = False
         self.reads += 1
+        delivered = False
         for key, entries in found.items() if isinstance(found, dict) else found or []:
             if key == self._control:
                 self._control_after = entries[-1][0]
@@ -159,3 +164,6 @@ class StreamReader:
             parsed = [_entry(entry_id, fields) for entry_id, fields in entries]
             for follow in list(self._follows.get(key, ())):
                 follow.offer(parsed)
+            delivered = True
+        if delivered:
+            await asyncio.sleep(GATHER_SECONDS)

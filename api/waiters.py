@@ -44,15 +44,11 @@ T = TypeVar("T")
 Version = tuple[str, int]  # a job's status and its latest event id: any change moves it
 
 
-def to_wake(seen: Mapping[str, Version], now: Mapping[str, Version], wake_new: bool) -> set[str]:
-    """The jobs whose waiters must re-read: those that changed since the last poll, and,
-    when ``wake_new``, those seen for the first time (they may have changed between their
-    waiter's own read and this poll; a listener, when there is one, covers that gap)."""
-    return {
-        job_id
-        for job_id, version in now.items()
-        if (job_id in seen and seen[job_id] != version) or (job_id not in seen and wake_new)
-    }
+def to_wake(seen: Mapping[str, Version], now: Mapping[str, Version]) -> set[str]:
+    """The jobs whose waiters must read them again: those that changed since the last
+    poll, and those polled for the first time (they may have changed between their waiter's
+    own read and this poll: one read more per waiter, a net under a listener too)."""
+    return {job_id for job_id, version in now.items() if seen.get(job_id) != version}
 
 
 def _versions(job_ids: list[str]) -> dict[str, Version]:
@@ -152,7 +148,7 @@ class JobWaiters:
         if not job_ids:
             return
         now = await anyio.to_thread.run_sync(_versions, job_ids, limiter=self._limiter)
-        for job_id in to_wake(self._seen, now, wake_new=self._dsn is None):
+        for job_id in to_wake(self._seen, now):
             self._wake(job_id)
         self._seen = {j: v for j, v in now.items() if j in self._events}
 
