@@ -132,7 +132,9 @@ def run(stream: Any) -> Run:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     folder = tmp_path_factory.mktemp("contract")
-    with deployment(folder, "sqlite-filesystem", env={"TIERQ_CHAT_WAIT_SECONDS": "5", "TIERQ_KEY_RPS": "0"}) as d:
+    with deployment(
+        folder, "sqlite-filesystem", env={"TIERQ_CHAT_WAIT_SECONDS": "5", "TIERQ_KEY_RPS": "0"}
+    ) as d:
         d.stack.api()
         d.stack.relay()
         d.stack.worker("gpu")
